@@ -1,0 +1,595 @@
+"""ResT (NeurIPS 2021) and ResTv2 (NeurIPS 2022) as dense-prediction backbones.
+
+The file reads top-down like the architecture: the positional encoding, the MLP, the two
+attentions, the block, the stems and patch embeddings, the stage, then the two models and
+their presets. Every module works on channels-last maps ``B×h×w×C`` (the memory layout
+of the paper's ``B×N×C`` tokens), so the linear layers need no reshape and the convolutions
+see a channels-last NCHW view of the same memory, with no copy either way.
+
+Sizes are always read from the tensors, never derived as ``H // stride``: that is what lets
+the models take inputs of any size with no padding and no interpolation.
+"""
+import copy
+import math
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+import torch.utils.checkpoint as cp
+from mmcv.cnn.bricks import DropPath
+from mmengine.model import BaseModule
+from mmengine.model.weight_init import constant_init, trunc_normal_init
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+
+def _to_nchw(x: torch.Tensor) -> torch.Tensor:
+    """``B×h×w×C`` to a channels-last ``B×C×h×w`` view (no copy)."""
+    return x.permute(0, 3, 1, 2)
+
+
+def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
+    """``B×C×h×w`` to ``B×h×w×C`` (a view when ``x`` is channels-last)."""
+    return x.permute(0, 2, 3, 1)
+
+
+class PA(nn.Module):
+    """Pixel-attention positional encoding: ``x * sigmoid(dwconv3x3(x))`` on NCHW maps.
+
+    It has no size-dependent parameter, which is what frees the model from a fixed
+    input size.
+    """
+
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pa_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def gate(self, x: torch.Tensor) -> torch.Tensor:
+        """The sigmoid map that multiplies ``x`` (exposed for visualisation)."""
+        return torch.sigmoid(self.pa_conv(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gate(x)
+
+
+class Mlp(nn.Module):
+    """Linear, exact GELU, Linear."""
+
+    def __init__(self, dim: int, hidden_dim: int, drop: float = 0.):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
+class ReducedKVAttention(nn.Module):
+    """Multi-head attention whose keys and values come from a spatially reduced map.
+
+    With ``sr_ratio > 1`` the map is reduced by a depth-wise conv with kernel
+    ``sr + 1``, stride ``sr`` and padding ``sr // 2`` (``ceil(h / sr)`` rows for any
+    ``h``), then layer-normed. Subclasses say what happens between the logits and the
+    output projection.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool,
+                 norm_eps: float, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f'dim {dim} is not divisible by num_heads {num_heads}')
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, dim * 2, bias=qkv_bias)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio + 1, stride=sr_ratio,
+                                padding=sr_ratio // 2, groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def _split_heads(self, x: torch.Tensor) -> torch.Tensor:
+        """``B×h×w×C`` to ``B×n×(h·w)×d``."""
+        B, h, w, _ = x.shape
+        return x.reshape(B, h * w, self.num_heads, self.head_dim).transpose(1, 2)
+
+    def reduce(self, x: torch.Tensor) -> torch.Tensor:
+        """The map keys and values are computed from, ``B×h'×w'×C``."""
+        if self.sr_ratio == 1:
+            return x
+        return self.sr_norm(_to_nhwc(self.sr(_to_nchw(x))))
+
+    def query_key_value(self, x: torch.Tensor):
+        """Queries ``B×n×N×d``, keys and values ``B×n×N'×d`` and the reduced map's size."""
+        q = self._split_heads(self.q(x))
+        reduced = self.reduce(x)
+        B, hr, wr, C = reduced.shape
+        kv = self.kv(reduced).reshape(B, hr * wr, 2, self.num_heads, self.head_dim)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)
+        return q, k, v, (hr, wr)
+
+    @staticmethod
+    def _merge_heads(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+        """``B×n×(h·w)×d`` to ``B×h×w×C``."""
+        B, n, _, d = x.shape
+        return x.transpose(1, 2).reshape(B, h, w, n * d)
+
+
+class EMSA(ReducedKVAttention):
+    """ResT v1's efficient multi-head self-attention.
+
+    With ``apply_transform`` and more than one head, the logits are mixed across heads
+    by a 1×1 conv (``transform_conv``), soft-maxed, then instance-normalised over each
+    head's ``N×N'`` map. The instance norm is applied after ``attn @ v`` instead of on the
+    map, which is exact: after a softmax every row sums to 1, so the map's mean is
+    ``1 / N'`` and ``(P - 1/N') @ v = P @ v - mean_keys(v)``; only the variance needs a
+    pass over the map. Without head mixing the attention is plain scaled dot-product.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
+                 apply_transform: bool = True, norm_eps: float = 1e-5,
+                 attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, norm_eps, attn_drop, proj_drop)
+        self.apply_transform = apply_transform and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, 1)
+        self.instance_norm_eps = 1e-5
+
+    def _mixed_head_attention(self, q, k, v):
+        B, n, N, _ = q.shape
+        logits = torch.matmul(q * self.scale, k.transpose(-2, -1))
+        # The 1x1 conv over heads is an n×n matrix applied along the head axis.
+        mix = self.transform_conv.weight.view(n, n)
+        logits = torch.matmul(mix, logits.flatten(2)).view_as(logits)
+        logits = logits + self.transform_conv.bias.view(1, n, 1, 1)
+        attn = logits.softmax(dim=-1)
+        var = attn.var(dim=(-2, -1), correction=0, keepdim=True)
+        if self.training and self.attn_drop > 0:
+            attn = F.dropout(attn, self.attn_drop)
+        out = torch.matmul(attn, v) - v.mean(dim=-2, keepdim=True)
+        return out * torch.rsqrt(var + self.instance_norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        q, k, v, _ = self.query_key_value(x)
+        if self.apply_transform:
+            out = self._mixed_head_attention(q, k, v)
+        else:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        return self.proj_drop(self.proj(self._merge_heads(out, h, w)))
+
+
+class UpsampledValueAttention(ReducedKVAttention):
+    """ResTv2's attention: plain softmax attention plus an "upsample" branch.
+
+    The branch restores what the reduction discarded: the values, as a ``C×h'×w'`` map,
+    go through a depth-wise 3×3 conv to ``sr²·C`` channels and a pixel shuffle back to
+    ``sr·h' × sr·w'``, which is cropped to the query map ``h×w`` (it can be larger when a
+    side is not a multiple of ``sr``), layer-normed, and added to the attention output.
+    """
+
+    def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
+                 norm_eps: float = 1e-6, attn_drop: float = 0., proj_drop: float = 0.):
+        super().__init__(dim, num_heads, sr_ratio, qkv_bias, norm_eps, attn_drop, proj_drop)
+        self.up_conv = nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim)
+        self.up_norm = nn.LayerNorm(dim, eps=norm_eps)
+
+    def upsample_values(self, v: torch.Tensor, reduced_hw: Tuple[int, int],
+                        hw: Tuple[int, int]) -> torch.Tensor:
+        value_map = _to_nchw(self._merge_heads(v, *reduced_hw))
+        up = F.pixel_shuffle(self.up_conv(value_map), self.sr_ratio)
+        h, w = hw
+        return self.up_norm(_to_nhwc(up[:, :, :h, :w]))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, h, w, _ = x.shape
+        q, k, v, reduced_hw = self.query_key_value(x)
+        out = F.scaled_dot_product_attention(
+            q, k, v, dropout_p=self.attn_drop if self.training else 0.)
+        out = self._merge_heads(out, h, w) + self.upsample_values(v, reduced_hw, (h, w))
+        return self.proj_drop(self.proj(out))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: ``x + attn(LN(x))``, then ``x + MLP(LN(x))``."""
+
+    def __init__(self, dim: int, attn: nn.Module, mlp_ratio: float, norm_eps: float,
+                 drop: float = 0., drop_path: float = 0.):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = attn
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop)
+        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.norm1(x)))
+        return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+class ResTStem(nn.Module):
+    """ResT v1 stem (stride 4): conv-BN-ReLU, conv-BN-ReLU, conv, PA. Returns NHWC."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        mid = out_channels // 2
+        self.conv1 = nn.Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, 3, stride=2, padding=1, bias=False)
+        self.pos = PA(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        x = F.relu(self.norm2(self.conv2(x)), inplace=True)
+        return _to_nhwc(self.pos(self.conv3(x)))
+
+
+class ResTPatchEmbed(nn.Module):
+    """ResT v1 downsampling between stages: stride-2 conv, BN, PA (NHWC in and out)."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.pos = PA(out_channels)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _to_nhwc(self.pos(self.norm(self.conv(_to_nchw(x)))))
+
+
+class ResTV2Stem(nn.Module):
+    """ResTv2 stem (stride 4): conv-BN-ReLU twice, 1×1 conv, PA, LN. Returns NHWC."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_eps: float):
+        super().__init__()
+        mid = out_channels // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(in_channels, mid, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, out_channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 1),
+        )
+        self.pos = PA(out_channels)
+        self.norm = nn.LayerNorm(out_channels, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_to_nhwc(self.pos(self.proj(x))))
+
+
+class ResTV2PatchEmbed(nn.Module):
+    """ResTv2 downsampling between stages: stride-2 conv, PA, LN (NHWC in and out)."""
+
+    def __init__(self, in_channels: int, out_channels: int, norm_eps: float):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.pos = PA(out_channels)
+        self.norm = nn.LayerNorm(out_channels, eps=norm_eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(_to_nhwc(self.pos(self.proj(_to_nchw(x)))))
+
+
+class Stage(nn.Module):
+    """An optional downsampling layer followed by blocks, with optional activation
+    checkpointing per block."""
+
+    def __init__(self, downsample: Optional[nn.Module], blocks: Sequence[nn.Module],
+                 with_cp: bool = False):
+        super().__init__()
+        self.downsample = downsample
+        self.blocks = nn.ModuleList(blocks)
+        self.with_cp = with_cp
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.downsample is not None:
+            x = self.downsample(x)
+        for block in self.blocks:
+            if self.with_cp and x.requires_grad:
+                x = cp.checkpoint(block, x, use_reentrant=False)
+            else:
+                x = block(x)
+        return x
+
+
+ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'sr_ratios', 'mlp_ratio')
+
+
+def _resolve_arch(arch: Union[str, dict], zoo: Dict[str, dict], model: str) -> dict:
+    """A preset by name, or a user dict validated to have exactly the preset keys."""
+    if isinstance(arch, str):
+        if arch.lower() not in zoo:
+            raise KeyError(f'{model}: unknown arch {arch!r}; choose one of '
+                           f'{sorted(zoo)} or pass a dict with keys {list(ARCH_KEYS)}')
+        return copy.deepcopy(zoo[arch.lower()])
+    if not isinstance(arch, dict):
+        raise TypeError(f'{model}: arch must be a preset name or a dict, got {type(arch).__name__}')
+    missing = [k for k in ARCH_KEYS if k not in arch]
+    unknown = [k for k in arch if k not in ARCH_KEYS]
+    if missing or unknown:
+        raise KeyError(f'{model}: custom arch has missing keys {missing} and unknown keys '
+                       f'{unknown}; the keys are {list(ARCH_KEYS)}')
+    arch = copy.deepcopy(arch)
+    for key in ('embed_dims', 'depths', 'num_heads', 'sr_ratios'):
+        if len(arch[key]) != 4:
+            raise ValueError(f'{model}: arch[{key!r}] needs one value per stage (4), got {arch[key]}')
+    for dim, heads in zip(arch['embed_dims'], arch['num_heads']):
+        if dim % heads:
+            raise ValueError(f'{model}: embed dim {dim} is not divisible by {heads} heads')
+    return arch
+
+
+def _resolve_out_indices(out_indices: Union[int, Sequence[int]], model: str) -> Tuple[int, ...]:
+    if isinstance(out_indices, int):
+        out_indices = (out_indices, )
+    resolved = []
+    for index in out_indices:
+        if not isinstance(index, int) or not -4 <= index < 4:
+            raise ValueError(f'{model}: out_indices {tuple(out_indices)} must be stage indices '
+                             f'in 0..3 (or -4..-1)')
+        resolved.append(index % 4)
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f'{model}: out_indices {tuple(out_indices)} names a stage twice')
+    return tuple(sorted(resolved))
+
+
+class _ResTBase(BaseModule):
+    """What ResT and ResTV2 share: stages, output norms, freezing, init and forward.
+
+    Subclasses build ``self.stem`` and ``self.stages`` and name their output norms.
+    """
+
+    arch_zoo: Dict[str, dict] = {}
+    norm_eps: float = 1e-5
+
+    def __init__(self, arch, in_channels, out_indices, drop_path_rate, frozen_stages,
+                 norm_eval, with_cp, init_cfg):
+        super().__init__(init_cfg=init_cfg)
+        name = type(self).__name__
+        self.arch = _resolve_arch(arch, self.arch_zoo, name)
+        self.embed_dims = tuple(self.arch['embed_dims'])
+        self.num_stages = 4
+        self.out_indices = _resolve_out_indices(out_indices, name)
+        if not -1 <= frozen_stages <= 4:
+            raise ValueError(f'{name}: frozen_stages must be in -1..4, got {frozen_stages}')
+        if in_channels < 1:
+            raise ValueError(f'{name}: in_channels must be positive, got {in_channels}')
+        self.in_channels = in_channels
+        self.drop_path_rate = drop_path_rate
+        self.frozen_stages = frozen_stages
+        self.norm_eval = norm_eval
+        self.with_cp = with_cp
+
+    def _drop_path_rates(self):
+        depths = self.arch['depths']
+        total = sum(depths)
+        rates = [self.drop_path_rate * j / max(total - 1, 1) for j in range(total)]
+        starts = [sum(depths[:i]) for i in range(4)]
+        return [rates[s:s + d] for s, d in zip(starts, depths)]
+
+    def _add_output_norms(self):
+        for i in self.out_indices:
+            self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=self.norm_eps))
+
+    def _freeze_stages(self):
+        if self.frozen_stages < 0:
+            return
+        frozen = [self.stem]
+        for i in range(self.frozen_stages):
+            frozen.append(self.stages[i])
+            if i in self.out_indices:
+                frozen.append(getattr(self, f'norm{i}'))
+        for module in frozen:
+            module.eval()
+            for param in module.parameters():
+                param.requires_grad = False
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self._freeze_stages()
+        if mode and self.norm_eval:
+            for module in self.modules():
+                if isinstance(module, _BatchNorm):
+                    module.eval()
+        return self
+
+    def init_weights(self):
+        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
+            from .checkpoint import load_pretrained
+            load_pretrained(self, self.init_cfg['checkpoint'])
+            self._is_init = True
+            return
+        if self.init_cfg is None:
+            self.apply(self._init_module)
+        super().init_weights()
+
+    @staticmethod
+    def _init_module(module: nn.Module):
+        if isinstance(module, nn.Linear):
+            trunc_normal_init(module, std=.02, bias=0.)
+        elif isinstance(module, (nn.LayerNorm, _BatchNorm)):
+            constant_init(module, val=1., bias=0.)
+        elif isinstance(module, nn.Conv2d):
+            fan_out = module.kernel_size[0] * module.kernel_size[1] * module.out_channels
+            fan_out //= module.groups
+            nn.init.normal_(module.weight, 0, math.sqrt(2.0 / fan_out))
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    def _check_input(self, x: torch.Tensor):
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f'{type(self).__name__} expects a B×C×H×W tensor, got {shape}')
+        if x.shape[1] != self.in_channels:
+            raise ValueError(f'{type(self).__name__} was built for {self.in_channels} input '
+                             f'channels, got a tensor with {x.shape[1]} (shape {tuple(x.shape)})')
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+        """Feature maps ``B×C_i×ceil(H/s_i)×ceil(W/s_i)`` for ``i`` in ``out_indices``,
+        with strides ``s = (4, 8, 16, 32)``."""
+        self._check_input(x)
+        x = self.stem(x)
+        outs = []
+        for i, stage in enumerate(self.stages):
+            x = stage(x)
+            if i in self.out_indices:
+                out = getattr(self, f'norm{i}')(x)
+                outs.append(_to_nchw(out).contiguous())
+        return tuple(outs)
+
+
+class ResT(_ResTBase):
+    """ResT v1 backbone (`ResT: An Efficient Transformer for Visual Recognition
+    <https://arxiv.org/abs/2105.13677>`_, NeurIPS 2021).
+
+    Output norms follow the authors' detection release: a fresh LayerNorm on output
+    stages 1–3, and on stage 4 the ImageNet model's final ``norm`` (loaded from the
+    checkpoint as ``norm3``).
+
+    Args:
+        arch (str | dict): ``'lite'``, ``'small'``, ``'base'``, ``'large'`` or a dict with
+            the keys ``embed_dims``, ``depths``, ``num_heads``, ``sr_ratios``,
+            ``mlp_ratio``. Defaults to ``'small'``.
+        in_channels (int): Input channels. Defaults to 3.
+        out_indices (Sequence[int] | int): Stages to output, negative allowed.
+            Defaults to ``(0, 1, 2, 3)``.
+        qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
+        apply_transform (bool): Mix attention logits across heads and
+            instance-normalise the attention map (stages with more than one head).
+            Defaults to True.
+        drop_rate (float): Dropout after MLP layers and projections. Defaults to 0.
+        attn_drop_rate (float): Dropout on the attention map. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear over blocks. Defaults to 0.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, ``N`` also stages
+            ``1..N`` with their patch embeddings and output norms. Defaults to -1.
+        norm_eval (bool): Keep BatchNorm layers in eval mode while training.
+            Defaults to False.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads
+            an authors' or converted checkpoint strictly. Defaults to None.
+    """
+
+    fresh_norm_indices = (0, 1, 2)
+    arch_zoo = {
+        'lite': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 2, 2),
+                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'small': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2),
+                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'base': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
+                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'large': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2),
+                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+    }
+    norm_eps = 1e-5
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'small',
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 qkv_bias: bool = True,
+                 apply_transform: bool = True,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(arch, in_channels, out_indices, drop_path_rate, frozen_stages,
+                         norm_eval, with_cp, init_cfg)
+        dims, a = self.embed_dims, self.arch
+        self.stem = ResTStem(in_channels, dims[0])
+        self.stages = nn.ModuleList()
+        for i, rates in enumerate(self._drop_path_rates()):
+            blocks = [
+                Block(dims[i],
+                      EMSA(dims[i], a['num_heads'][i], a['sr_ratios'][i], qkv_bias,
+                           apply_transform, self.norm_eps, attn_drop_rate, drop_rate),
+                      a['mlp_ratio'], self.norm_eps, drop_rate, rate) for rate in rates
+            ]
+            downsample = ResTPatchEmbed(dims[i - 1], dims[i]) if i > 0 else None
+            self.stages.append(Stage(downsample, blocks, with_cp))
+        self._add_output_norms()
+        self._freeze_stages()
+
+
+class ResTV2(_ResTBase):
+    """ResTv2 backbone (`ResT V2: Simpler, Faster and Stronger
+    <https://arxiv.org/abs/2204.07366>`_, NeurIPS 2022).
+
+    Output norms follow the authors' segmentation release: a fresh LayerNorm on every
+    output stage; the ImageNet model's final ``norm`` and ``head`` are not used.
+
+    Args:
+        arch (str | dict): ``'tiny'``, ``'small'``, ``'base'``, ``'large'`` or a dict with
+            the keys ``embed_dims``, ``depths``, ``num_heads``, ``sr_ratios``,
+            ``mlp_ratio``. Defaults to ``'tiny'``.
+        in_channels (int): Input channels. Defaults to 3.
+        out_indices (Sequence[int] | int): Stages to output, negative allowed.
+            Defaults to ``(0, 1, 2, 3)``.
+        qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
+        drop_rate (float): Dropout after MLP layers and projections. Defaults to 0.
+        attn_drop_rate (float): Dropout on the attention map. Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear over blocks. Defaults to 0.
+        frozen_stages (int): -1 freezes nothing, 0 the stem, ``N`` also stages
+            ``1..N`` with their patch embeddings and output norms. Defaults to -1.
+        norm_eval (bool): Keep the stem's BatchNorm layers in eval mode while
+            training. Defaults to False.
+        with_cp (bool): Activation checkpointing per block. Defaults to False.
+        init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads
+            an authors' or converted checkpoint strictly. Defaults to None.
+    """
+
+    fresh_norm_indices = (0, 1, 2, 3)
+    arch_zoo = {
+        'tiny': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 6, 2),
+                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'small': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 12, 2),
+                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'base': dict(embed_dims=(96, 192, 384, 768), depths=(1, 3, 16, 3),
+                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+        'large': dict(embed_dims=(128, 256, 512, 1024), depths=(2, 3, 16, 2),
+                      num_heads=(2, 4, 8, 16), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
+    }
+    norm_eps = 1e-6
+
+    def __init__(self,
+                 arch: Union[str, dict] = 'tiny',
+                 in_channels: int = 3,
+                 out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
+                 qkv_bias: bool = True,
+                 drop_rate: float = 0.,
+                 attn_drop_rate: float = 0.,
+                 drop_path_rate: float = 0.,
+                 frozen_stages: int = -1,
+                 norm_eval: bool = False,
+                 with_cp: bool = False,
+                 init_cfg: Optional[dict] = None):
+        super().__init__(arch, in_channels, out_indices, drop_path_rate, frozen_stages,
+                         norm_eval, with_cp, init_cfg)
+        dims, a = self.embed_dims, self.arch
+        self.stem = ResTV2Stem(in_channels, dims[0], self.norm_eps)
+        self.stages = nn.ModuleList()
+        for i, rates in enumerate(self._drop_path_rates()):
+            blocks = [
+                Block(dims[i],
+                      UpsampledValueAttention(dims[i], a['num_heads'][i], a['sr_ratios'][i],
+                                              qkv_bias, self.norm_eps, attn_drop_rate,
+                                              drop_rate),
+                      a['mlp_ratio'], self.norm_eps, drop_rate, rate) for rate in rates
+            ]
+            downsample = ResTV2PatchEmbed(dims[i - 1], dims[i], self.norm_eps) if i > 0 else None
+            self.stages.append(Stage(downsample, blocks, with_cp))
+        self._add_output_norms()
+        self._freeze_stages()

@@ -1,0 +1,124 @@
+"""The converter maps every released checkpoint key and loading is strict."""
+import json
+
+import pytest
+import torch
+
+from rest_mm import ResT, ResTV2, convert_checkpoint, load_pretrained
+from rest_mm.checkpoint import load_converted_state_dict
+
+RELEASES = {
+    'rest_lite': (ResT, 'lite'), 'rest_small': (ResT, 'small'),
+    'rest_base': (ResT, 'base'), 'rest_large': (ResT, 'large'),
+    'restv2_tiny': (ResTV2, 'tiny'), 'restv2_small': (ResTV2, 'small'),
+    'restv2_base': (ResTV2, 'base'), 'restv2_large': (ResTV2, 'large'),
+}
+
+
+@pytest.fixture(scope='module')
+def released_keys(reference_dir):
+    return json.loads((reference_dir / 'reference_checkpoint_keys.json').read_text())
+
+
+def _meta_state_dict(key_shapes):
+    return {k: torch.empty(shape, device='meta') for k, shape in key_shapes.items()}
+
+
+def _meta_model(cls, arch, **kwargs):
+    with torch.device('meta'):
+        return cls(arch=arch, **kwargs)
+
+
+@pytest.mark.parametrize('release', sorted(RELEASES))
+def test_converter_maps_every_released_key(released_keys, release):
+    cls, arch = RELEASES[release]
+    released = _meta_state_dict(released_keys[release])
+    converted = convert_checkpoint({'model': released})
+    own = _meta_model(cls, arch).state_dict()
+    fresh = {k for k in own if k.split('.')[0] in {f'norm{i}' for i in cls.fresh_norm_indices}}
+    assert set(converted) == set(own) - fresh, 'nothing missing, nothing left over'
+    for key, value in converted.items():
+        assert value.shape == own[key].shape, key
+    dropped = set(released) - {k for k in released if not k.startswith('head.')}
+    assert dropped == {'head.weight', 'head.bias'} or cls is ResTV2
+    # every released tensor but the classifier is used exactly once
+    used = len(released) - 2 - (0 if cls is ResT else 2)
+    assert len(converted) == used
+    load_converted_state_dict(_meta_model(cls, arch), converted, source=release)
+
+
+def test_converter_is_idempotent_and_accepts_every_layout(reference_dir):
+    raw = torch.load(reference_dir / 'rest_v2_tiny.pt', weights_only=True)['state_dict']
+    expected = convert_checkpoint(raw)
+    assert list(convert_checkpoint(expected)) == list(expected)
+    layouts = {
+        'released': {'model': raw, 'epoch': 300},
+        'state_dict wrapper': {'state_dict': raw, 'meta': {}},
+        'DataParallel': {f'module.{k}': v for k, v in raw.items()},
+        'detectron2': {**{f'backbone.bottom_up.{k}': v for k, v in raw.items()},
+                       'backbone.fpn_lateral2.weight': torch.zeros(1)},
+        'our detector': {'state_dict': {**{f'backbone.{k}': v for k, v in expected.items()},
+                                        'neck.lateral_convs.0.conv.weight': torch.zeros(1),
+                                        'bbox_head.retina_cls.bias': torch.zeros(1)}},
+    }
+    for name, checkpoint in layouts.items():
+        converted = convert_checkpoint(checkpoint)
+        assert list(converted) == list(expected), name
+        assert all(converted[k] is expected[k] or torch.equal(converted[k], expected[k])
+                   for k in expected), name
+    # pure: the input is left as it was
+    assert 'stem.proj.0.weight' in raw and 'head.weight' in raw
+
+
+def test_wrong_variant_is_an_error_that_names_the_right_one(released_keys):
+    base = convert_checkpoint(_meta_state_dict(released_keys['rest_base']))
+    with pytest.raises(RuntimeError) as info:
+        load_converted_state_dict(_meta_model(ResT, 'small'), base, source='rest_base.pth')
+    message = str(info.value)
+    assert 'shape mismatches' in message and "ResT(arch='base')" in message
+    v2 = convert_checkpoint(_meta_state_dict(released_keys['restv2_small']))
+    with pytest.raises(RuntimeError, match=r"ResTV2\(arch='small'\)"):
+        load_converted_state_dict(_meta_model(ResT, 'small'), v2)
+
+
+def test_missing_or_unexpected_keys_are_errors(released_keys):
+    weights = convert_checkpoint(_meta_state_dict(released_keys['rest_lite']))
+    incomplete = {k: v for k, v in weights.items() if k != 'stages.1.blocks.0.attn.q.weight'}
+    with pytest.raises(RuntimeError, match=r'missing keys: stages\.1\.blocks\.0\.attn\.q\.weight'):
+        load_converted_state_dict(_meta_model(ResT, 'lite'), incomplete)
+    extra = dict(weights, **{'stages.1.blocks.0.attn.gamma': torch.empty(3, device='meta')})
+    with pytest.raises(RuntimeError, match=r'unexpected keys: stages\.1\.blocks\.0\.attn\.gamma'):
+        load_converted_state_dict(_meta_model(ResT, 'lite'), extra)
+    with pytest.raises(RuntimeError, match='holds no ResT/ResTV2 backbone weights'):
+        load_converted_state_dict(_meta_model(ResT, 'lite'), convert_checkpoint({'model': {}}))
+    no_norm3 = {k: v for k, v in weights.items() if not k.startswith('norm3.')}
+    with pytest.raises(RuntimeError, match='missing keys: norm3.weight'):
+        load_converted_state_dict(_meta_model(ResT, 'lite'), no_norm3)
+
+
+def test_output_norms_of_unused_stages_may_be_left_over(released_keys):
+    weights = convert_checkpoint(_meta_state_dict(released_keys['rest_lite']))
+    load_converted_state_dict(_meta_model(ResT, 'lite', out_indices=(1, 2)), weights)
+
+
+def test_pretrained_init_cfg_loads_released_file(tmp_path, reference_dir, reference_arch):
+    reference = torch.load(reference_dir / 'rest_v1_tiny.pt', weights_only=True)
+    path = tmp_path / 'rest_tiny_imagenet.pth'
+    torch.save({'model': reference['state_dict']}, path)
+    model = ResT(arch=reference_arch, init_cfg=dict(type='Pretrained', checkpoint=str(path)))
+    model.init_weights()
+    for key, value in convert_checkpoint(reference['state_dict']).items():
+        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+
+
+def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        load_pretrained(ResT(), str(tmp_path / 'nope.pth'))
+    corrupt = tmp_path / 'corrupt.pth'
+    corrupt.write_bytes(b'this is not a checkpoint')
+    with pytest.raises(RuntimeError, match='could not be read'):
+        load_pretrained(ResT(), str(corrupt))
+    not_a_dict = tmp_path / 'tensor.pth'
+    torch.save(torch.zeros(3), not_a_dict)
+    with pytest.raises(RuntimeError, match='holds a Tensor'):
+        load_pretrained(ResT(), str(not_a_dict))
