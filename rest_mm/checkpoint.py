@@ -163,6 +163,19 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Mapping:
     return checkpoint
 
 
-def load_pretrained(model: nn.Module, path: str):
-    """Convert and strictly load the checkpoint at ``path`` into a ResT/ResTV2 model."""
-    load_converted_state_dict(model, convert_checkpoint(read_checkpoint(path)), source=path)
+def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
+    """Convert and strictly load the checkpoint at ``path`` into a ResT/ResTV2 model.
+
+    Args:
+        model (nn.Module): A ``ResT`` or ``ResTV2``.
+        path (str): Checkpoint path or URL.
+        prefix (str, optional): Take only the keys under this prefix (as mmengine's
+            ``Pretrained`` init does), e.g. ``'teacher.backbone.'``. The usual prefixes
+            are found without it.
+    """
+    checkpoint = _unwrap(read_checkpoint(path))
+    if prefix:
+        checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
+        if not checkpoint:
+            raise RuntimeError(f'checkpoint {path!r} has no key starting with {prefix!r}')
+    load_converted_state_dict(model, convert_checkpoint(checkpoint), source=path)

@@ -122,3 +122,14 @@ def test_missing_and_corrupt_files_are_clear_errors(tmp_path):
     torch.save(torch.zeros(3), not_a_dict)
     with pytest.raises(RuntimeError, match='holds a Tensor'):
         load_pretrained(ResT(), str(not_a_dict))
+
+
+def test_pretrained_prefix_selects_a_sub_model(tmp_path, reference_dir, reference_arch):
+    reference = torch.load(reference_dir / 'rest_v2_tiny.pt', weights_only=True)['state_dict']
+    path = tmp_path / 'distilled.pth'
+    torch.save({'state_dict': {f'teacher.backbone.{k}': v for k, v in reference.items()}}, path)
+    model = ResTV2(arch=reference_arch)
+    load_pretrained(model, str(path), prefix='teacher.backbone.')
+    torch.testing.assert_close(model.stem.norm.weight, reference['stem.norm.weight'])
+    with pytest.raises(RuntimeError, match="no key starting with 'student.'"):
+        load_pretrained(model, str(path), prefix='student.')
