@@ -22,6 +22,8 @@ from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
+from .checkpoint import load_pretrained
+
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
     """``B×h×w×C`` to a channels-last ``B×C×h×w`` view (no copy)."""
@@ -406,8 +408,7 @@ class _ResTBase(BaseModule):
 
     def init_weights(self):
         if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            from .checkpoint import load_pretrained
-            load_pretrained(self, self.init_cfg['checkpoint'])
+            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
             self._is_init = True
             return
         if self.init_cfg is None:
