@@ -173,7 +173,13 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
             ``Pretrained`` init does), e.g. ``'teacher.backbone.'``. The usual prefixes
             are found without it.
     """
-    checkpoint = _unwrap(read_checkpoint(path))
+    try:
+        checkpoint = _unwrap(read_checkpoint(path))
+    except FileNotFoundError as error:
+        raise FileNotFoundError(
+            f"{error}: put the authors' ImageNet weights (or a converted file) there, point "
+            f'the backbone at them (e.g. --cfg-options model.backbone.init_cfg.checkpoint='
+            f'PATH), or set model.backbone.init_cfg=None to train from scratch') from error
     if prefix:
         checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
         if not checkpoint:

@@ -1,0 +1,10 @@
+# Mask R-CNN with a ResT-Base backbone: the ResT-Small recipe (and where to put the
+# weights) with another arch and the neck widths that go with it.
+# Published size: 49.8 M parameters.
+_base_ = ['./mask_rcnn_rest_small_coco.py']
+
+model = dict(
+    backbone=dict(
+        arch='base',
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/rest_base.pth')),
+    neck=dict(in_channels=[96, 192, 384, 768]))

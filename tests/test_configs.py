@@ -1,0 +1,272 @@
+"""The shipped detection and segmentation configs.
+
+Every config loads, builds through its library's registry, trains one step with its own
+optimizer (the loss goes down on a repeated batch, norm layers get no weight decay) and
+predicts; the models match the authors' published sizes and the resolved configs their
+recipes; a user's own config that swaps a stock mmdet config's backbone for ResT works
+through ``custom_imports``; ADE20K-sized test images are segmented whole at their natural
+size; the backbone checkpoint path fails clearly when missing and loads when present.
+Inputs are tiny and SyncBN becomes BN, so all of it runs on a CPU.
+"""
+import importlib
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from mmengine.config import Config
+from mmengine.model import revert_sync_batchnorm
+from mmengine.optim import build_optim_wrapper
+from mmengine.registry import DefaultScope
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
+
+CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
+
+# Parameters in millions as the authors published them (COCO 80 classes, ADE20K 150; the
+# UperNet counts include the auxiliary FCN head). None: no published number.
+PUBLISHED_PARAMS = {
+    'detection/retinanet_rest_lite_coco.py': None,
+    'detection/retinanet_rest_small_coco.py': 23.4,
+    'detection/retinanet_rest_base_coco.py': 40.5,
+    'detection/retinanet_rest_large_coco.py': None,
+    'detection/mask_rcnn_rest_lite_coco.py': None,
+    'detection/mask_rcnn_rest_small_coco.py': 33.3,
+    'detection/mask_rcnn_rest_base_coco.py': 49.8,
+    'detection/mask_rcnn_rest_large_coco.py': None,
+    'detection/mask_rcnn_restv2_tiny_3x_coco.py': 49.9,
+    'detection/mask_rcnn_restv2_small_3x_coco.py': 60.7,
+    'detection/mask_rcnn_restv2_base_3x_coco.py': 75.5,
+    'segmentation/upernet_restv2_tiny_ade20k.py': 62.1,
+    'segmentation/upernet_restv2_small_ade20k.py': 72.9,
+    'segmentation/upernet_restv2_base_ade20k.py': 87.6,
+    'segmentation/upernet_rest_small_ade20k.py': None,
+    'segmentation/upernet_rest_base_ade20k.py': None,
+}
+CONFIGS = sorted(PUBLISHED_PARAMS)
+NORM_TYPES = (nn.LayerNorm, _BatchNorm, nn.GroupNorm)
+
+
+def load_config(name: str, pretrained: bool = False) -> Config:
+    cfg = Config.fromfile(CONFIG_DIR / name)
+    if not pretrained:
+        cfg.model.backbone.init_cfg = None
+    return cfg
+
+
+def build_model(cfg: Config, device=None) -> nn.Module:
+    """Build through the config's library registry, with SyncBN turned into BN."""
+    scope = cfg.default_scope
+    models = importlib.import_module(f'{scope}.registry').MODELS
+    with DefaultScope.overwrite_default_scope(scope), torch.device(device or 'cpu'):
+        model = models.build(cfg.model)
+    return model if device == 'meta' else revert_sync_batchnorm(model)
+
+
+def detection_batch(with_mask: bool) -> dict:
+    from mmdet.testing import demo_mm_inputs
+    return demo_mm_inputs(batch_size=2, image_shapes=[(3, 64, 96), (3, 50, 70)],
+                          num_items=[3, 2], num_classes=80, with_mask=with_mask)
+
+
+def segmentation_batch(shapes, num_classes: int = 150) -> dict:
+    from mmengine.structures import PixelData
+    from mmseg.structures import SegDataSample
+    inputs, samples = [], []
+    for h, w in shapes:
+        inputs.append(torch.randint(0, 256, (3, h, w), dtype=torch.uint8))
+        sample = SegDataSample(metainfo=dict(img_shape=(h, w), ori_shape=(h, w)))
+        sample.gt_sem_seg = PixelData(data=torch.randint(0, num_classes, (1, h, w)))
+        samples.append(sample)
+    return dict(inputs=inputs, data_samples=samples)
+
+
+def seeded_loss(model: nn.Module, data: dict) -> torch.Tensor:
+    """The loss with the same random draws (drop path, dropout, samplers) every call."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    loss, _ = model.parse_losses(model(**data, mode='loss'))
+    return loss
+
+
+def assert_no_decay_on_norm_layers(model: nn.Module, optim_wrapper, base_decay: float):
+    """Every norm layer's parameters get no weight decay, other weights the recipe's."""
+    decay = {id(p): group['weight_decay'] for group in optim_wrapper.param_groups
+             for p in group['params']}
+    for module_name, module in model.named_modules():
+        is_norm = isinstance(module, NORM_TYPES)
+        for param_name, param in module.named_parameters(recurse=False):
+            if is_norm or param_name == 'weight':
+                assert decay[id(param)] == (0. if is_norm else base_decay), \
+                    f'{module_name}.{param_name}'
+
+
+def test_config_directories_hold_exactly_the_tested_configs():
+    shipped = sorted(str(p.relative_to(CONFIG_DIR)) for sub in ('detection', 'segmentation')
+                     for p in (CONFIG_DIR / sub).glob('*.py'))
+    assert shipped == CONFIGS
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_config_builds_trains_a_step_and_predicts(name):
+    cfg = load_config(name)
+    assert cfg.custom_imports == dict(imports=['rest_mm'], allow_failed_imports=False)
+    segmentation = cfg.default_scope == 'mmseg'
+    if segmentation:
+        # The training crops are padded to the preprocessor's size: 512x512 in the config,
+        # the tiny batch's size here.
+        cfg.model.data_preprocessor.size = (64, 96)
+        batch = segmentation_batch([(64, 96), (64, 96)])
+    else:
+        batch = detection_batch(with_mask='mask_rcnn' in name)
+    model = build_model(cfg)
+    model.init_weights()
+    assert type(model.backbone).__name__ == cfg.model.backbone.type
+
+    with DefaultScope.overwrite_default_scope(cfg.default_scope):
+        optim_wrapper = build_optim_wrapper(model, cfg.optim_wrapper)
+    assert_no_decay_on_norm_layers(model, optim_wrapper, cfg.optim_wrapper.optimizer.weight_decay)
+
+    model.train()
+    data = model.data_preprocessor(batch, training=True)
+    loss_before = seeded_loss(model, data)
+    optim_wrapper.backward(loss_before)
+    no_grad = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not no_grad, f'parameters the loss does not reach: {no_grad[:5]}'
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+    optim_wrapper.step()
+    optim_wrapper.zero_grad()
+    with torch.no_grad():
+        loss_after = seeded_loss(model, data)
+    assert torch.isfinite(loss_before) and loss_after < loss_before
+
+    model.eval()
+    if segmentation:
+        batch = segmentation_batch([(50, 70)])
+    with torch.no_grad():
+        predictions = model.test_step(batch)
+    assert len(predictions) == len(batch['inputs'])
+    for prediction, image in zip(predictions, batch['inputs']):
+        if segmentation:
+            assert prediction.pred_sem_seg.data.shape == (1, *image.shape[1:])
+            continue
+        instances = prediction.pred_instances
+        assert instances.bboxes.shape == (len(instances), 4)
+        assert ((instances.labels >= 0) & (instances.labels < 80)).all()
+        if 'mask_rcnn' in name:
+            assert instances.masks.shape == (len(instances), *prediction.ori_shape)
+
+
+@pytest.mark.parametrize('name', [n for n in CONFIGS if PUBLISHED_PARAMS[n] is not None])
+def test_published_parameter_count(name):
+    model = build_model(load_config(name), device='meta')
+    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    assert abs(millions - PUBLISHED_PARAMS[name]) < 0.05, f'{millions:.3f} M'
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_training_recipe(name):
+    cfg = load_config(name)
+    optimizer = cfg.optim_wrapper.optimizer
+    assert cfg.train_dataloader.batch_size == 2  # x 8 GPUs
+    assert optimizer.type == 'AdamW'
+    if cfg.default_scope == 'mmseg':
+        assert (optimizer.lr, optimizer.weight_decay) == (6e-5, 0.01)
+        warmup, poly = cfg.param_scheduler
+        assert (warmup.type, warmup.end, poly.type, poly.power) == ('LinearLR', 1500, 'PolyLR', 1.)
+        assert cfg.train_cfg.max_iters == poly.end == 160000
+        assert cfg.crop_size == (512, 512)
+        expected_drop_path = 0.3 if 'restv2_small' in name or 'restv2_base' in name else 0.1
+        assert cfg.model.backbone.drop_path_rate == expected_drop_path
+        return
+    assert (optimizer.lr, optimizer.weight_decay) == (1e-4, 0.05)
+    assert cfg.auto_scale_lr.base_batch_size == 16
+    epochs, milestones, shortest = (36, [27, 33], 480) if '_3x_' in name else (12, [8, 11], 640)
+    steps = cfg.param_scheduler[-1]
+    assert cfg.train_cfg.max_epochs == steps.end == epochs and steps.milestones == milestones
+    pipeline = cfg.train_dataloader.dataset.pipeline
+    resize = next(t for t in pipeline if t.type == 'RandomChoiceResize')
+    assert [short for _, short in resize.scales] == list(range(shortest, 801, 32))
+    expected_outputs = (1, 2, 3) if 'retinanet' in name else (0, 1, 2, 3)
+    assert tuple(cfg.model.backbone.out_indices) == expected_outputs
+
+
+@pytest.mark.slow
+def test_whole_image_segmentation_keeps_the_natural_size():
+    from mmseg.apis import inference_model, init_model
+    cfg = load_config('segmentation/upernet_restv2_tiny_ade20k.py')
+    model = revert_sync_batchnorm(init_model(cfg, device='cpu'))
+    # mmseg crops the prediction back to the image size anyway: only the backbone's input
+    # shows whether the image was padded on the way.
+    seen = {}
+    model.backbone.register_forward_hook(
+        lambda module, args, outputs: seen.update(input=args[0].shape,
+                                                  outputs=[o.shape[2:] for o in outputs]))
+    image = np.random.RandomState(0).randint(0, 256, (512, 683, 3), dtype=np.uint8)
+    result = inference_model(model, image)
+    assert seen['input'] == (1, 3, 512, 683), 'the test image was padded or resized'
+    assert seen['outputs'] == [(128, 171), (64, 86), (32, 43), (16, 22)]
+    assert result.pred_sem_seg.data.shape == (1, 512, 683)
+    assert result.seg_logits.data.shape == (150, 512, 683)
+
+
+@pytest.mark.slow
+def test_custom_imports_in_a_users_config_on_a_stock_mmdet_config(tmp_path):
+    config = tmp_path / 'my_retinanet.py'
+    config.write_text(textwrap.dedent("""
+        _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
+        custom_imports = dict(imports=['rest_mm'], allow_failed_imports=False)
+        model = dict(
+            backbone=dict(_delete_=True, type='ResT', arch='small'),
+            neck=dict(in_channels=[64, 128, 256, 512]))
+    """))
+    script = textwrap.dedent(f"""
+        import sys, torch
+        from mmengine.config import Config
+        from mmengine.registry import init_default_scope
+        from mmdet.registry import MODELS
+        from mmdet.testing import demo_mm_inputs
+        assert 'rest_mm' not in sys.modules
+        cfg = Config.fromfile({str(config)!r})
+        init_default_scope(cfg.default_scope)
+        model = MODELS.build(cfg.model)
+        model.init_weights()
+        batch = demo_mm_inputs(1, [(3, 64, 96)], num_items=[2], num_classes=80)
+        losses = model(**model.data_preprocessor(batch, True), mode='loss')
+        loss, _ = model.parse_losses(losses)
+        loss.backward()
+        model.eval()
+        with torch.no_grad():
+            prediction, = model.test_step(batch)
+        print(type(model.backbone).__name__, model.backbone.arch['depths'],
+              bool(torch.isfinite(loss)), prediction.pred_instances.bboxes.shape[1])
+    """)
+    result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert 'ResT (2, 2, 6, 2) True 4' in result.stdout
+
+
+@pytest.mark.parametrize('name', ['detection/retinanet_rest_small_coco.py',
+                                  'segmentation/upernet_restv2_tiny_ade20k.py'])
+def test_backbone_checkpoint_path_missing_fails_clearly_then_loads(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the configs' relative placeholder path cannot exist here
+    cfg = load_config(name, pretrained=True)
+    placeholder = cfg.model.backbone.init_cfg.checkpoint
+    model = build_model(cfg)
+    with pytest.raises(FileNotFoundError, match=f"checkpoint '{placeholder}' does not exist"):
+        model.init_weights()
+
+    # An ImageNet-style backbone (all four output norms) saved where the config looks.
+    imagenet = type(model.backbone)(arch=cfg.model.backbone.arch).state_dict()
+    Path(placeholder).parent.mkdir(parents=True)
+    torch.save({'state_dict': imagenet}, placeholder)
+    model.init_weights()
+    loaded = model.backbone.state_dict()
+    body = [k for k in imagenet if k.startswith(('stem.', 'stages.'))]
+    assert body and all(torch.equal(loaded[k], imagenet[k]) for k in body)
