@@ -1,0 +1,60 @@
+# Mask R-CNN-ResT-Small trained from scratch on the built-in shapes data. Only the data and
+# the schedule differ from the COCO config: 3 classes, 128x160 images, a short schedule and
+# twice the learning rate (training from scratch).
+# Generate the data with `python tools/make_toy_data.py`.
+_base_ = ['../detection/mask_rcnn_rest_small_coco.py']
+
+data_root = 'data/toy_coco/'
+metainfo = dict(classes=('rectangle', 'ellipse', 'triangle'),
+                palette=[(220, 20, 60), (20, 160, 60), (30, 60, 220)])
+image_scale = (160, 128)  # (w, h): the toy images' own size
+
+model = dict(
+    backbone=dict(init_cfg=None),  # no pretrained weights offline: train from scratch
+    roi_head=dict(bbox_head=dict(num_classes=3), mask_head=dict(num_classes=3)),
+    # Proposal and RoI budgets for 128x160 images with at most four shapes (COCO's are for
+    # ~800x1333 images with dozens of objects): 512 RoIs per image would dominate the cost.
+    train_cfg=dict(rpn_proposal=dict(nms_pre=500, max_per_img=100),
+                   rcnn=dict(sampler=dict(num=64))),
+    test_cfg=dict(rpn=dict(nms_pre=500, max_per_img=100)))
+
+train_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='RandomFlip', prob=0.5),
+    dict(type='PackDetInputs')
+]
+test_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='Resize', scale=image_scale, keep_ratio=True),
+    dict(type='LoadAnnotations', with_bbox=True, with_mask=True),
+    dict(type='PackDetInputs',
+         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+]
+# Decoding 128x160 JPEGs is cheap: worker processes would only compete for the CPU.
+train_dataloader = dict(
+    batch_size=8, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo,
+                 ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
+                 filter_cfg=dict(filter_empty_gt=True, min_size=8), pipeline=train_pipeline))
+val_dataloader = dict(
+    batch_size=8, num_workers=0, persistent_workers=False,
+    dataset=dict(data_root=data_root, metainfo=metainfo,
+                 ann_file='annotations/instances_val.json', data_prefix=dict(img='val/'),
+                 pipeline=test_pipeline))
+test_dataloader = val_dataloader
+val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
+test_evaluator = val_evaluator
+
+max_epochs = 12
+train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+optim_wrapper = dict(optimizer=dict(lr=2e-4))
+param_scheduler = [
+    dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=60),
+    dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min=1e-5)
+]
+default_hooks = dict(logger=dict(interval=10),
+                     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
+log_processor = dict(window_size=10)
+randomness = dict(seed=0)

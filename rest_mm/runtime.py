@@ -1,0 +1,234 @@
+"""What ``tools/train.py`` and ``tools/test.py`` add to mmengine's Runner.
+
+Three gaps between mmengine 0.10.7 and the stack it runs on here, each closed as narrowly
+as we could:
+
+* **Resuming on torch >= 2.6.** ``torch.load`` now defaults to ``weights_only=True`` and
+  mmengine calls it without the argument, so torch refuses mmengine's own checkpoints:
+  their message hub pickles ``HistoryBuffer`` objects (numpy arrays inside, and the
+  buffer's statistics methods, which pickle as ``getattr(HistoryBuffer, 'mean')``).
+  :func:`allow_mmengine_checkpoints` allow-lists exactly those types. ``getattr`` itself
+  is never allowed (it would reach any attribute of any object, i.e. arbitrary code):
+  the pickle's ``builtins.getattr`` resolves to :func:`_history_buffer_method`, which
+  returns only ``HistoryBuffer``'s registered statistics methods and refuses anything
+  else. Loading stays ``weights_only``.
+* **Distributed training without CUDA.** mmengine's ``init_dist`` calls
+  ``torch.cuda.set_device`` unconditionally, which does not exist in a CPU build, and
+  its Runner passes ``device_ids=[LOCAL_RANK]`` to DDP, which CPU modules must not get.
+  On a machine without CUDA :func:`adapt_config_to_device` sets the gloo backend and a
+  ``model_wrapper_cfg`` with ``device_ids=None`` (a plain config entry, logged with the
+  config), and :func:`init_distributed` initialises the process group before the Runner
+  is built, running mmengine's own launcher logic (torchrun / slurm / mpi environment
+  variables) with ``torch.cuda.set_device`` made a no-op for that call only. The Runner
+  then finds the group initialised and skips its own ``init_dist``.
+* **SyncBN on CPU.** SyncBN needs CUDA; mmengine reverts it to BN only when not
+  distributed. Without CUDA every ``SyncBN`` in the config becomes ``BN`` (equal
+  statistics in a single process; per-process statistics under gloo, as DDP's BN).
+
+It also checks, before anything is built, that the datasets and checkpoints a run needs
+exist, so a wrong path fails with a message that names it and says how to get the data.
+"""
+import os.path as osp
+from contextlib import contextmanager
+from typing import Iterable, Iterator, List, Optional
+
+import torch
+from mmengine.config import Config, ConfigDict
+from mmengine.logging import HistoryBuffer, print_log
+
+LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
+_DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
+_TOY_DATA_HINT = 'generate it with `python tools/make_toy_data.py` (or `make demo`)'
+_DATA_HINTS = {
+    'mmdet': ('download COCO 2017 (https://cocodataset.org) into data/coco/ as described in '
+              "mmdet's docs (user_guides/dataset_prepare.md)"),
+    'mmseg': ('download ADEChallengeData2016 into data/ade/ as described in '
+              "mmseg's docs (user_guides/2_dataset_prepare.md)"),
+}
+
+
+# ---------------------------------------------------------------------------------------
+# Resuming: which globals mmengine's checkpoints hold.
+# ---------------------------------------------------------------------------------------
+def _history_buffer_method(owner, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
+    allowed = set(_DEFAULT_STATISTICS) | set(HistoryBuffer._statistics_methods)
+    if owner is not HistoryBuffer or name not in allowed:
+        raise RuntimeError(
+            f'checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics '
+            f'methods ({", ".join(sorted(allowed))}) are allowed when loading with '
+            f'weights_only=True')
+    return getattr(HistoryBuffer, name)
+
+
+def checkpoint_safe_globals() -> List[object]:
+    """The globals that mmengine 0.10.7's checkpoints pickle besides tensors and dicts."""
+    import collections
+
+    import numpy as np
+    from numpy.core.multiarray import _reconstruct, scalar
+    # Unpickling a dtype builds an instance of its class (numpy.dtypes.Float64DType, ...),
+    # so the classes of the numeric dtypes are allowed too.
+    numeric_dtype_classes = [type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG']
+    return [
+        HistoryBuffer,
+        (_history_buffer_method, 'builtins.getattr'),
+        np.ndarray, np.dtype, _reconstruct, scalar, *numeric_dtype_classes,
+        collections.Counter,  # MultiStepLR's milestones in param scheduler states
+    ]
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints.
+
+    Idempotent. Called by the tools before the Runner loads or resumes anything.
+    """
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+
+
+# ---------------------------------------------------------------------------------------
+# Running without CUDA.
+# ---------------------------------------------------------------------------------------
+def _replace_sync_bn(node) -> int:
+    """Turn every ``type='SyncBN'`` under ``node`` into ``'BN'``; returns how many."""
+    replaced = 0
+    if isinstance(node, dict):
+        if node.get('type') in ('SyncBN', 'MMSyncBN'):
+            node['type'] = 'BN'
+            replaced += 1
+        for value in node.values():
+            replaced += _replace_sync_bn(value)
+    elif isinstance(node, (list, tuple)):
+        for value in node:
+            replaced += _replace_sync_bn(value)
+    return replaced
+
+
+def adapt_config_to_device(cfg: Config, launcher: str = 'none') -> Config:
+    """Make ``cfg`` runnable where CUDA is missing; a no-op where it is present.
+
+    Args:
+        cfg (Config): The config, changed in place.
+        launcher (str): One of ``LAUNCHERS``.
+
+    Returns:
+        Config: ``cfg``.
+    """
+    if launcher not in LAUNCHERS:
+        raise ValueError(f'launcher must be one of {LAUNCHERS}, got {launcher!r}')
+    if torch.cuda.is_available():
+        return cfg
+    replaced = sum(_replace_sync_bn(cfg[key]) for key in cfg.keys())
+    if replaced:
+        print_log(f'No CUDA: {replaced} SyncBN norm config(s) replaced by BN', logger='current')
+    if cfg.get('sync_bn'):
+        print_log(f'No CUDA: sync_bn={cfg.sync_bn!r} dropped, SyncBN needs CUDA',
+                  logger='current', level=30)
+        cfg.sync_bn = None
+    if launcher != 'none':
+        env_cfg = cfg.setdefault('env_cfg', ConfigDict())
+        env_cfg.setdefault('dist_cfg', ConfigDict())['backend'] = 'gloo'
+        wrapper = cfg.get('model_wrapper_cfg') or ConfigDict(
+            type='MMDistributedDataParallel', broadcast_buffers=False,
+            find_unused_parameters=cfg.get('find_unused_parameters', False))
+        wrapper['device_ids'] = None  # DDP of a CPU module takes no device ids
+        cfg.model_wrapper_cfg = wrapper
+    return cfg
+
+
+@contextmanager
+def _without_cuda_set_device() -> Iterator[None]:
+    original = torch.cuda.set_device
+    torch.cuda.set_device = lambda device: None
+    try:
+        yield
+    finally:
+        torch.cuda.set_device = original
+
+
+def init_distributed(cfg: Config, launcher: str) -> None:
+    """Initialise the process group on a machine without CUDA (gloo).
+
+    With CUDA, or with ``launcher='none'``, this does nothing and the Runner initialises
+    as usual. Call it after :func:`adapt_config_to_device` and before building the Runner.
+    """
+    if launcher == 'none' or torch.cuda.is_available() or torch.distributed.is_initialized():
+        return
+    from mmengine.dist import init_dist
+    dist_cfg = dict(cfg.get('env_cfg', {}).get('dist_cfg', {}))
+    dist_cfg['backend'] = 'gloo'
+    with _without_cuda_set_device():
+        init_dist(launcher, **dist_cfg)
+
+
+# ---------------------------------------------------------------------------------------
+# Clear errors for missing inputs.
+# ---------------------------------------------------------------------------------------
+def _dataset_configs(dataset) -> Iterator[dict]:
+    """Leaf dataset configs under wrappers (RepeatDataset, ConcatDataset, ...)."""
+    if not isinstance(dataset, dict):
+        return
+    if 'dataset' in dataset:
+        yield from _dataset_configs(dataset['dataset'])
+    elif 'datasets' in dataset:
+        for inner in dataset['datasets']:
+            yield from _dataset_configs(inner)
+    else:
+        yield dataset
+
+
+def _dataset_paths(dataset: dict) -> Iterator[str]:
+    data_root = dataset.get('data_root') or ''
+    candidates = [dataset.get('ann_file') or '']
+    prefix = dataset.get('data_prefix') or {}
+    candidates += [v for v in prefix.values() if isinstance(v, str)]
+    for path in candidates:
+        if not path or '://' in path or '://' in data_root:
+            continue
+        yield path if osp.isabs(path) else osp.join(data_root, path)
+
+
+def check_datasets(cfg: Config, dataloaders: Iterable[str]) -> None:
+    """Raise ``FileNotFoundError`` naming the first dataset path that does not exist.
+
+    Args:
+        cfg (Config): The run's config.
+        dataloaders (Iterable[str]): Keys such as ``'train_dataloader'`` to check;
+            absent or ``None`` entries are skipped.
+    """
+    scope = cfg.get('default_scope')
+    for key in dataloaders:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        for dataset in _dataset_configs(loader.get('dataset')):
+            for path in _dataset_paths(dataset):
+                if osp.exists(path):
+                    continue
+                toy = 'toy' in path or 'toy' in osp.basename(cfg.filename or '')
+                hint = _TOY_DATA_HINT if toy else _DATA_HINTS.get(scope, 'prepare the dataset')
+                raise FileNotFoundError(
+                    f'{key}: dataset path {path!r} does not exist (data_root='
+                    f'{dataset.get("data_root")!r}, type={dataset.get("type")!r}); '
+                    f'{hint}, or point the config at your copy with '
+                    f'--cfg-options {key}.dataset.data_root=PATH')
+
+
+def check_checkpoint(path: Optional[str], what: str = 'checkpoint') -> None:
+    """Raise ``FileNotFoundError`` if a local checkpoint path does not exist."""
+    if path is None or '://' in path:
+        return
+    if not osp.isfile(path):
+        hint = (' (it is a directory; pass the .pth file inside it)' if osp.isdir(path) else '')
+        raise FileNotFoundError(f'{what} {path!r} does not exist{hint}; pass the path of a '
+                                f'.pth file written by tools/train.py')
+
+
+def check_scope(cfg: Config, config_path: str) -> str:
+    """The config's ``default_scope``, which must name a library we support."""
+    scope = cfg.get('default_scope')
+    if scope not in ('mmdet', 'mmseg'):
+        raise ValueError(f'{config_path}: default_scope is {scope!r}; the tools run mmdet '
+                         f"and mmseg configs, which set default_scope='mmdet' or 'mmseg' "
+                         f"(inherit from an mmdet::/mmseg:: base config)")
+    return scope

@@ -1,0 +1,199 @@
+"""Run a detector or segmentor on images and draw what it predicts.
+
+    python tools/demo.py IMAGE_OR_FOLDER CONFIG [CHECKPOINT] --out-dir DIR
+
+The library comes from the config's ``default_scope``: ``mmdet`` configs go through
+mmdet's ``DetInferencer`` (boxes, and masks for Mask R-CNN), ``mmseg`` configs through
+mmseg's ``MMSegInferencer`` (a class overlay); both draw with their library's own
+visualiser. Each picture is written to ``DIR/<input file name>`` and a one-line summary of
+its predictions is printed. Without a checkpoint the weights are random and nothing is
+downloaded: the pictures then show that the pipeline runs, not what the model can do.
+"""
+import argparse
+import warnings
+from pathlib import Path
+
+import mmcv
+import torch
+from mmengine.config import Config, DictAction
+from rich.progress import track
+
+# Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
+from rest_mm.runtime import allow_mmengine_checkpoints
+
+IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
+LIBRARIES = ('mmdet', 'mmseg')
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('inputs', help='an image file, or a folder whose images are all run')
+    parser.add_argument('config', help='a detection (mmdet) or segmentation (mmseg) config')
+    parser.add_argument('checkpoint', nargs='?', default=None,
+                        help='a whole detector/segmentor checkpoint trained with CONFIG; '
+                        'without it the weights are random')
+    parser.add_argument('--out-dir', required=True, help='folder for the drawn pictures')
+    parser.add_argument('--device', default=None,
+                        help='e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)')
+    parser.add_argument('--score-thr', type=float, default=0.3,
+                        help='detection: lowest score drawn and counted (default 0.3)')
+    parser.add_argument('--opacity', type=float, default=0.5,
+                        help='segmentation: opacity of the class overlay (default 0.5)')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
+                        help='override config entries, e.g. model.test_cfg.mode=whole')
+    return parser.parse_args(argv)
+
+
+def list_images(inputs: str):
+    """The image files named by ``inputs``, sorted; a clear error when there are none."""
+    path = Path(inputs)
+    if path.is_dir():
+        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not images:
+            raise SystemExit(f'{inputs} holds no image files (looked for {", ".join(IMAGE_SUFFIXES)})')
+        return images
+    if not path.is_file():
+        raise SystemExit(f'{inputs} is neither an image file nor a folder')
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise SystemExit(f'{inputs} is not an image file (accepted: {", ".join(IMAGE_SUFFIXES)})')
+    return [path]
+
+
+def resolve_device(device):
+    if device is None:
+        return 'cuda' if torch.cuda.is_available() else 'cpu'
+    if device.startswith('cuda') and not torch.cuda.is_available():
+        raise SystemExit(f'--device {device}: this torch build sees no CUDA device; use cpu')
+    return device
+
+
+def library_of(cfg: Config) -> str:
+    scope = cfg.get('default_scope')
+    if scope not in LIBRARIES:
+        raise SystemExit(f'the config has default_scope={scope!r}; the demo runs mmdet '
+                         f'(detection) and mmseg (segmentation) configs')
+    return scope
+
+
+def read_model_weights(path: str) -> dict:
+    """The checkpoint's ``state_dict`` and ``meta``, read without loading tensor data."""
+    if not Path(path).is_file():
+        raise SystemExit(f'checkpoint {path} does not exist')
+    try:
+        checkpoint = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
+    except Exception as error:  # torch raises several unrelated types for bad files
+        raise SystemExit(f'checkpoint {path} could not be read ({type(error).__name__}: {error})')
+    if not isinstance(checkpoint, dict):
+        raise SystemExit(f'checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict')
+    return checkpoint
+
+
+def check_checkpoint_fits(model: torch.nn.Module, checkpoint: dict, path: str):
+    """Refuse a checkpoint that would leave part of the model random.
+
+    The inferencers load non-strictly and only log what did not match; a backbone-only
+    file (ImageNet weights) would then run a random detector without saying so.
+    """
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return
+    if not any(k.startswith('backbone.') for k in state_dict):
+        raise SystemExit(
+            f'{path} holds no detector/segmentor weights (no "backbone." keys): it looks like '
+            f'a backbone or ImageNet checkpoint. The demo needs a checkpoint trained with the '
+            f'config; to start training from backbone weights, set '
+            f"model.backbone.init_cfg=dict(type='Pretrained', checkpoint='{path}').")
+    details = []
+    for title, keys in (('missing', missing), ('unexpected', unexpected),
+                        ('mis-shaped', mismatched)):
+        if keys:
+            details.append(f'{len(keys)} {title} (e.g. {", ".join(keys[:3])})')
+    raise SystemExit(f'{path} does not fit the model built from the config: '
+                     f'{"; ".join(details)}. Was it trained with this config?')
+
+
+def dataset_meta_from_config(cfg: Config) -> dict:
+    """Class names and palette of the config's test set (annotations are not read)."""
+    from mmengine.registry import DATASETS
+    dataset_cfg = cfg.test_dataloader.dataset.copy()
+    dataset_cfg['lazy_init'] = True
+    return dict(DATASETS.build(dataset_cfg).metainfo)
+
+
+def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
+    """The library's inferencer, its classes taken from the checkpoint or else the config."""
+    # The Runner's checkpoints pickle training state that torch's weights_only loader
+    # refuses unless allowed; the inferencers load with it too.
+    allow_mmengine_checkpoints()
+    checkpoint = read_model_weights(checkpoint_path) if checkpoint_path else None
+    with warnings.catch_warnings():
+        # Both inferencers warn about random weights and fall back to COCO/Cityscapes
+        # class names; we say the former ourselves and replace the latter below.
+        warnings.filterwarnings('ignore', message='.*(randomly initialized|classes by default)')
+        warnings.filterwarnings('ignore', message='dataset_meta or class names are not saved')
+        if library == 'mmdet':
+            from mmdet.apis import DetInferencer
+            inferencer = DetInferencer(cfg, checkpoint_path, device=device, show_progress=False)
+        else:
+            from mmseg.apis import MMSegInferencer
+            inferencer = MMSegInferencer(cfg, checkpoint_path, device=device)
+            inferencer.show_progress = False
+    if checkpoint is not None:
+        check_checkpoint_fits(inferencer.model, checkpoint, checkpoint_path)
+    if checkpoint is None or 'dataset_meta' not in checkpoint.get('meta', {}):
+        meta = dataset_meta_from_config(cfg)
+        inferencer.model.dataset_meta = dict(classes=meta['classes'],
+                                             palette=meta.get('palette') or 'random')
+        inferencer.visualizer.dataset_meta = inferencer.model.dataset_meta
+    return inferencer
+
+
+def summarise(library: str, prediction, classes, score_thr: float) -> str:
+    """One line: detections above the threshold, or the classes covering most pixels."""
+    if library == 'mmdet':
+        kept = sorted(((s, classes[l]) for s, l in zip(prediction['scores'], prediction['labels'])
+                       if s >= score_thr), reverse=True)
+        top = ', '.join(f'{name} {score:.2f}' for score, name in kept[:5])
+        return f'{len(kept)} objects with score >= {score_thr}' + (f': {top}' if top else '')
+    labels, counts = torch.as_tensor(prediction).unique(return_counts=True)
+    order = counts.argsort(descending=True)[:3]
+    shares = [f'{classes[int(labels[i])]} {100 * int(counts[i]) / prediction.size:.0f}%'
+              for i in order]
+    return 'classes by area: ' + ', '.join(shares)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    images = list_images(args.inputs)
+    cfg = Config.fromfile(args.config)
+    cfg.merge_from_dict(args.cfg_options)
+    library = library_of(cfg)
+    device = resolve_device(args.device)
+    if args.checkpoint is None:
+        print('No checkpoint given: the weights are RANDOM, so the pictures show that the '
+              'pipeline runs, not what the model predicts. Nothing is downloaded.')
+    inferencer = build_inferencer(cfg, library, args.checkpoint, device)
+    classes = inferencer.model.dataset_meta['classes']
+
+    out_dir = Path(args.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    call_kwargs = (dict(pred_score_thr=args.score_thr) if library == 'mmdet'
+                   else dict(opacity=args.opacity))
+    progress = track(images, description='Demo') if len(images) > 1 else images
+    for image in progress:
+        result = inferencer(str(image), return_vis=True, **call_kwargs)
+        prediction, drawn = result['predictions'], result['visualization']
+        if isinstance(prediction, list):  # mmdet wraps single results in lists
+            prediction, drawn = prediction[0], drawn[0]
+        out_file = out_dir / image.name
+        mmcv.imwrite(drawn[..., ::-1], str(out_file))  # visualisers return RGB
+        print(f'{image.name}: {summarise(library, prediction, classes, args.score_thr)} '
+              f'-> {out_file}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,266 @@
+"""Export a ResT/ResTV2 backbone, or a whole mmseg segmentor, to ONNX with dynamic sizes.
+
+    python tools/export_onnx.py CONFIG_OR_ARCH [CHECKPOINT] --out FILE.onnx
+    python tools/export_onnx.py SEG_CONFIG [CHECKPOINT] --segmentor --out FILE.onnx
+
+Batch, height and width are dynamic: one file takes images of any size, and after writing
+it the tool checks with onnxruntime that the file reproduces PyTorch at several sizes
+(``--verify-sizes``, by default 224x224, 200x328 with a batch of 2, and 333x517).
+
+* Backbone: input ``image`` (``B×3×H×W``, normalised RGB), outputs ``stage1..stage4``
+  (those in ``out_indices``), ``B×C_i×ceil(H/s)×ceil(W/s)`` with ``s = 4, 8, 16, 32``.
+* Segmentor (``--segmentor``, an mmseg ``EncoderDecoder`` config): the tensor-mode forward,
+  input ``image`` as above (normalised with the config's ``data_preprocessor``), output
+  ``seg_logits`` at the decode head's resolution (``ceil(H/4)×ceil(W/4)`` for UperNet),
+  before the resize to the image that ``predict`` does. ONNX has no adaptive pooling,
+  so the pyramid pooling's ``AdaptiveAvgPool2d`` layers are swapped for an exact
+  equivalent that computes the same bins from the input's size.
+* Detectors are not exported: their outputs need mmdet's box decoding and NMS, which
+  belong to a deployment tool such as mmdeploy.
+
+The exporter is torch's TorchScript one (``dynamo=False``): it handles the backbones'
+size arithmetic and ``scaled_dot_product_attention`` at opset 17 in seconds and needs no
+extra package. (torch's default ``dynamo=True`` exporter also works, given ``onnxscript``
+and an example batch larger than 1, but takes about six times longer.)
+"""
+import argparse
+import copy
+import time
+import warnings
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+import numpy as np
+import torch
+from torch import nn
+
+from rest_mm.runtime import allow_mmengine_checkpoints
+from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
+
+DEFAULT_SIZES = ((1, 224, 224), (2, 200, 328), (1, 333, 517))
+OPSET = 17  # the first with LayerNormalization; SDPA is exported as MatMul/Softmax
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('config_or_arch',
+                        help=f'a config file or a backbone preset: {", ".join(ARCH_NAMES)}')
+    parser.add_argument('checkpoint', nargs='?', default=None,
+                        help='weights: for a backbone any layout the converter accepts, for '
+                        '--segmentor a checkpoint of the whole segmentor; default random')
+    parser.add_argument('--out', required=True, help='the .onnx file to write')
+    parser.add_argument('--segmentor', action='store_true',
+                        help='export the whole mmseg segmentor of CONFIG, not only its backbone')
+    parser.add_argument('--verify-sizes', nargs='+', default=None, metavar='[Bx]HxW',
+                        help='sizes to check with onnxruntime, e.g. 224x224 2x200x328 '
+                        '(default: 224x224 2x200x328 333x517)')
+    parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime check')
+    parser.add_argument('--atol', type=float, default=1e-4,
+                        help='accepted difference from PyTorch where float32 rounding is not '
+                        'amplified (default 1e-4; see verify())')
+    return parser.parse_args(argv)
+
+
+def parse_size(text: str) -> Tuple[int, int, int]:
+    """``'HxW'`` or ``'BxHxW'`` as ``(B, H, W)``."""
+    parts = text.lower().split('x')
+    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
+        raise SystemExit(f'--verify-sizes {text}: expected HxW or BxHxW with positive '
+                         f'integers, e.g. 333x517 or 2x200x328')
+    sizes = [int(p) for p in parts]
+    return tuple(sizes) if len(sizes) == 3 else (1, *sizes)
+
+
+class ExportableAdaptiveAvgPool2d(nn.Module):
+    """``nn.AdaptiveAvgPool2d`` written with slices and means, which ONNX can express.
+
+    Bin ``i`` of ``n`` over a side of length ``L`` spans ``[floor(i·L/n), ceil((i+1)·L/n))``,
+    PyTorch's own rule, so the result is identical for every input size; the bounds are
+    computed from the traced size, so the exported graph stays dynamic. (Ceil is written
+    as ``(a + n - 1) // n``: ONNX integer division truncates, which is floor only for
+    non-negative operands.)
+    """
+
+    def __init__(self, output_size):
+        super().__init__()
+        size = output_size if isinstance(output_size, Sequence) else (output_size, output_size)
+        if None in size:
+            raise ValueError('adaptive pooling that keeps a side (None) is not supported')
+        self.output_size = tuple(size)
+
+    @staticmethod
+    def _bins(length, count: int):
+        return [((i * length) // count, ((i + 1) * length + count - 1) // count)
+                for i in range(count)]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        height, width = x.shape[-2:]
+        rows = []
+        for top, bottom in self._bins(height, self.output_size[0]):
+            band = x[..., top:bottom, :]
+            rows.append(torch.cat([band[..., left:right].mean(dim=(-2, -1), keepdim=True)
+                                   for left, right in self._bins(width, self.output_size[1])],
+                                  dim=-1))
+        return torch.cat(rows, dim=-2)
+
+
+def make_pooling_exportable(model: nn.Module) -> int:
+    """Swap every ``AdaptiveAvgPool2d`` in ``model`` in place; returns how many."""
+    swapped = 0
+    for name, child in model.named_children():
+        if isinstance(child, nn.AdaptiveAvgPool2d):
+            setattr(model, name, ExportableAdaptiveAvgPool2d(child.output_size))
+            swapped += 1
+        else:
+            swapped += make_pooling_exportable(child)
+    return swapped
+
+
+class SegmentorLogits(nn.Module):
+    """An mmseg segmentor's tensor-mode forward as a one-input, one-output module."""
+
+    def __init__(self, segmentor: nn.Module):
+        super().__init__()
+        self.segmentor = segmentor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.segmentor(image, mode='tensor')
+
+
+def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
+    """The config's mmseg ``EncoderDecoder`` in eval mode, SyncBN reverted to BN."""
+    from mmengine.config import Config
+    from mmengine.model import revert_sync_batchnorm
+    from mmengine.registry import init_default_scope
+    from mmengine.runner import load_checkpoint
+
+    if not Path(config).is_file():
+        raise SystemExit(f'--segmentor needs an mmseg config file; {config!r} is not a file')
+    cfg = Config.fromfile(config)
+    if cfg.get('default_scope') != 'mmseg' or cfg.model.get('type') != 'EncoderDecoder':
+        raise SystemExit(f'{config}: --segmentor exports mmseg EncoderDecoder configs; this '
+                         f'one has default_scope={cfg.get("default_scope")!r} and model type '
+                         f'{cfg.model.get("type")!r}. Detectors are not exported (their '
+                         f'outputs need box decoding and NMS outside the network)')
+    init_default_scope('mmseg')
+    from mmseg.registry import MODELS
+    cfg.model.pop('pretrained', None)  # a base config's ImageNet URL: never downloaded here
+    cfg.model.backbone.pop('init_cfg', None)
+    segmentor = revert_sync_batchnorm(MODELS.build(cfg.model))
+    description = f'EncoderDecoder with {cfg.model.backbone.type} from {Path(config).name}'
+    if checkpoint is None:
+        description += ', random weights'
+    else:
+        allow_mmengine_checkpoints()  # the Runner's checkpoints pickle training state
+        try:
+            load_checkpoint(segmentor, checkpoint, map_location='cpu', strict=True)
+        except (RuntimeError, FileNotFoundError, OSError) as error:
+            raise SystemExit(f'{checkpoint} does not load into the segmentor of {config} '
+                             f'(a whole-segmentor checkpoint is needed): {error}')
+        description += f', weights {Path(checkpoint).name}'
+    return segmentor.eval(), description
+
+
+def export(model: nn.Module, output_names: List[str], out_file: str):
+    """Write ``model`` to ``out_file`` with dynamic batch, height and width."""
+    example = torch.randn(1, 3, 224, 224)
+    dynamic_axes = {'image': {0: 'batch', 2: 'height', 3: 'width'}}
+    for name in output_names:
+        dynamic_axes[name] = {0: 'batch', 2: f'{name}_height', 3: f'{name}_width'}
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated in favour of dynamo (see the module doc),
+        # and traces the backbone's input check, whose channel count is static anyway.
+        warnings.filterwarnings('ignore', category=DeprecationWarning)
+        warnings.filterwarnings('ignore', category=torch.jit.TracerWarning,
+                                module='rest_mm.rest')
+        torch.onnx.export(model, (example, ), out_file, dynamo=False, opset_version=OPSET,
+                          input_names=['image'], output_names=output_names,
+                          dynamic_axes=dynamic_axes)
+
+
+@torch.no_grad()
+def verify(model: nn.Module, onnx_file: str, sizes, atol: float) -> List[dict]:
+    """Run one ONNX file at every size and compare it with PyTorch.
+
+    The file passes at a size when it is within ``atol + 10 · e32`` of PyTorch's float32
+    output, ``e32`` being how far that output itself is from PyTorch's float64 run of the
+    same model: a measure of how much the model amplifies float32 rounding at that input.
+    For ResTv2 and the segmentors ``e32`` is ~1e-5 and the bound is about ``atol``. ResT
+    v1's instance norm over its head-mixed attention divides by the map's standard
+    deviation, which is tiny when the attention is nearly uniform (random weights), so
+    any two float32 runtimes differ there by ~1e-3; a wrong graph is off by far more.
+
+    Returns:
+        list[dict]: per size: ``size``, ``onnx_vs_torch``, ``torch_float32_error``,
+        ``tolerance``, ``ok``.
+    """
+    import onnxruntime as ort
+    session = ort.InferenceSession(onnx_file, providers=['CPUExecutionProvider'])
+    model_float64 = copy.deepcopy(model).double()
+    generator = torch.Generator().manual_seed(0)
+    rows = []
+    for batch, height, width in sizes:
+        image = torch.randn(batch, 3, height, width, generator=generator)
+        expected = model(image)
+        expected = expected if isinstance(expected, (tuple, list)) else (expected, )
+        exact = model_float64(image.double())
+        exact = exact if isinstance(exact, (tuple, list)) else (exact, )
+        try:
+            got = session.run(None, {'image': image.numpy()})
+        except Exception as error:  # onnxruntime raises its own unrelated types
+            raise SystemExit(f'the exported graph fails at {batch}x{height}x{width}: {error}. '
+                             f'Something in the forward was traced as a constant size.')
+        if [g.shape for g in got] != [tuple(e.shape) for e in expected]:
+            raise SystemExit(f'{batch}x{height}x{width}: ONNX output shapes '
+                             f'{[g.shape for g in got]}, PyTorch '
+                             f'{[tuple(e.shape) for e in expected]}')
+        onnx_error = max(float(np.abs(g - e.numpy()).max()) for g, e in zip(got, expected))
+        float32_error = max(float((e.double() - x).abs().max()) for e, x in zip(expected, exact))
+        tolerance = atol + 10 * float32_error
+        rows.append(dict(size=(batch, height, width), onnx_vs_torch=onnx_error,
+                         torch_float32_error=float32_error, tolerance=tolerance,
+                         ok=onnx_error <= tolerance))
+    return rows
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.out.endswith('.onnx'):
+        raise SystemExit(f'--out {args.out}: name a .onnx file')
+    sizes = DEFAULT_SIZES if args.verify_sizes is None else [parse_size(s) for s in
+                                                             args.verify_sizes]
+    if args.segmentor:
+        segmentor, description = build_segmentor(args.config_or_arch, args.checkpoint)
+        swapped = make_pooling_exportable(segmentor)
+        model, output_names = SegmentorLogits(segmentor).eval(), ['seg_logits']
+        if swapped:
+            description += f' ({swapped} adaptive pools made exportable)'
+    else:
+        try:
+            model, description = build_standalone_backbone(args.config_or_arch,
+                                                           args.checkpoint)
+        except (ValueError, KeyError, RuntimeError, FileNotFoundError) as error:
+            raise SystemExit(str(error))  # a wrong name, config or checkpoint: it says which
+        output_names = [f'stage{i + 1}' for i in model.out_indices]
+
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    export(model, output_names, args.out)
+    print(f'{args.out}: {description}; outputs {", ".join(output_names)}; '
+          f'exported in {time.perf_counter() - start:.1f} s (opset {OPSET}, dynamic B, H, W)')
+    if args.no_verify:
+        return
+    rows = verify(model, args.out, sizes, args.atol)
+    print(f'{"input BxHxW":>14} {"max |onnx - torch|":>19} {"torch fp32 vs fp64":>19} '
+          f'{"tolerance":>10}  ok')
+    for row in rows:
+        size = 'x'.join(map(str, row['size']))
+        print(f'{size:>14} {row["onnx_vs_torch"]:>19.2e} {row["torch_float32_error"]:>19.2e} '
+              f'{row["tolerance"]:>10.1e}  {"yes" if row["ok"] else "NO"}')
+    if not all(row['ok'] for row in rows):
+        raise SystemExit(f'the ONNX file does not reproduce PyTorch within the tolerance '
+                         f'(--atol {args.atol} plus 10x PyTorch\'s own float32 error)')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,212 @@
+"""Look inside a ResT/ResTV2 backbone: one figure per image, one column per stage.
+
+    python tools/visualize.py IMAGE CONFIG_OR_ARCH [CHECKPOINT] --out FILE.png [--query X Y]
+
+Rows, each overlaid on the image the model saw:
+
+1. feature energy: the L2 norm over channels of the stage's output (before the output norm);
+2. the positional-attention gate: the sigmoid map ``sigmoid(dwconv3x3(x))`` of the stage's
+   ``PA`` module (the stem's for stage 1, the patch embedding's for stages 2-4), averaged
+   over channels. It is computed at the map's own resolution, whatever the image size;
+3. where one query pixel looks: the attention probabilities of the query (marked ``+``)
+   over the stage's reduced key map, from the stage's first block, averaged over heads.
+   For ResT v1 the logits are first mixed across heads by ``transform_conv``, as the model
+   does; the instance norm it applies after the softmax is left out, so the map stays a
+   probability distribution.
+
+CONFIG_OR_ARCH is one of our configs (its backbone is used) or a preset name such as
+``rest_small`` or ``restv2_tiny``. CHECKPOINT may be the authors' ImageNet file, a
+converted one, or a detector/segmentor checkpoint; without it the weights are random.
+"""
+import argparse
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+import matplotlib
+import mmcv
+import numpy as np
+import torch
+
+from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
+
+matplotlib.use('Agg')  # files only; no display is needed or wanted
+import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
+
+# The normalisation every ResT/ResTv2 release was trained with (ImageNet, RGB).
+MEAN = (123.675, 116.28, 103.53)
+STD = (58.395, 57.12, 57.375)
+STAGE_STRIDES = (4, 8, 16, 32)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('image', help='the image to look at')
+    parser.add_argument('config_or_arch',
+                        help=f'a config file or a preset: {", ".join(ARCH_NAMES)}')
+    parser.add_argument('checkpoint', nargs='?', default=None,
+                        help='backbone weights (authors\', converted or a whole model\'s)')
+    parser.add_argument('--out', required=True, help='the PNG file to write')
+    parser.add_argument('--query', nargs=2, type=int, metavar=('X', 'Y'), default=None,
+                        help='query pixel in the original image (default: its centre)')
+    parser.add_argument('--max-size', type=int, default=1024,
+                        help='longer side the image is shrunk to if larger (default 1024); '
+                        'the model itself takes any size')
+    parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda (default cpu)')
+    return parser.parse_args(argv)
+
+
+def load_image(path: str, max_size: int) -> Tuple[np.ndarray, float]:
+    """The image as RGB ``uint8``, shrunk so its longer side is at most ``max_size``,
+    and the factor it was shrunk by."""
+    if not Path(path).is_file():
+        raise SystemExit(f'{path} could not be read: there is no such file')
+    image = mmcv.imread(path, channel_order='rgb')
+    if image is None:
+        raise SystemExit(f'{path} could not be read as an image')
+    scale = min(1.0, max_size / max(image.shape[:2]))
+    if scale < 1.0:
+        image = mmcv.imrescale(image, scale)
+    return image, scale
+
+
+def to_input(image: np.ndarray, device: str) -> torch.Tensor:
+    x = torch.from_numpy(image).float().permute(2, 0, 1)[None]
+    mean, std = torch.tensor(MEAN).view(1, 3, 1, 1), torch.tensor(STD).view(1, 3, 1, 1)
+    return ((x - mean) / std).to(device)
+
+
+def positional_encodings(model) -> List[torch.nn.Module]:
+    """The ``PA`` module of each stage: the stem's, then each patch embedding's."""
+    return [model.stem.pos] + [model.stages[i].downsample.pos for i in range(1, 4)]
+
+
+def attention_probabilities(attn, x: torch.Tensor, query_index=None):
+    """The attention probabilities ``attn`` computes for the NHWC input ``x``.
+
+    Args:
+        attn (ReducedKVAttention): A block's attention (``EMSA`` or
+            ``UpsampledValueAttention``).
+        x (Tensor): Its input, already through the block's ``norm1``, ``B×h×w×C``.
+        query_index (int, optional): Only this query (a flat index into ``h×w``).
+
+    Returns:
+        tuple: probabilities ``B×n×N×N'`` (``N = 1`` with ``query_index``) and the reduced
+        key map's size ``(h', w')``. For v1 with ``apply_transform`` the logits are mixed
+        across heads by ``transform_conv`` before the softmax, as in the model.
+    """
+    q, k, _, reduced_hw = attn.query_key_value(x)
+    if query_index is not None:
+        q = q[:, :, query_index:query_index + 1]
+    logits = torch.matmul(q * attn.scale, k.transpose(-2, -1))
+    if getattr(attn, 'apply_transform', False):
+        logits = attn.transform_conv(logits)  # the 1×1 conv treats heads as channels
+    return logits.softmax(dim=-1), reduced_hw
+
+
+@torch.no_grad()
+def inspect(model, x: torch.Tensor, query_pixel: Tuple[int, int]) -> List[Dict[str, np.ndarray]]:
+    """Per stage: feature energy, mean PA gate, and the query's attention map.
+
+    Args:
+        model (ResT | ResTV2): The backbone, in eval mode.
+        x (Tensor): The normalised image ``1×3×H×W``.
+        query_pixel (tuple): The query's pixel ``(x, y)`` in ``x``.
+
+    Returns:
+        list[dict]: For each stage, ``energy`` (``h×w``), ``gate`` (``h×w``) and
+        ``attention`` (``h'×w'``) arrays, and the query's cell ``query`` as ``(row, col)``.
+    """
+    captured = {}
+    hooks = []
+    for i, pa in enumerate(positional_encodings(model)):
+        hooks.append(pa.register_forward_hook(
+            lambda module, args, out, i=i: captured.__setitem__(('gate', i), module.gate(args[0]))))
+    for i, stage in enumerate(model.stages):
+        hooks.append(stage.blocks[0].register_forward_pre_hook(
+            lambda module, args, i=i: captured.__setitem__(('block_input', i), args[0])))
+        hooks.append(stage.register_forward_hook(
+            lambda module, args, out, i=i: captured.__setitem__(('output', i), out)))
+    try:
+        model(x)
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+    stages = []
+    for i, stage in enumerate(model.stages):
+        block = stage.blocks[0]
+        block_input = captured[('block_input', i)]
+        _, h, w, _ = block_input.shape
+        stride = STAGE_STRIDES[i]
+        row, col = min(query_pixel[1] // stride, h - 1), min(query_pixel[0] // stride, w - 1)
+        probs, (hr, wr) = attention_probabilities(block.attn, block.norm1(block_input),
+                                                  query_index=row * w + col)
+        stages.append(dict(
+            energy=captured[('output', i)][0].norm(dim=-1).cpu().numpy(),
+            gate=captured[('gate', i)][0].mean(dim=0).cpu().numpy(),
+            attention=probs[0, :, 0].mean(dim=0).view(hr, wr).cpu().numpy(),
+            query=(row, col)))
+    return stages
+
+
+def draw(image: np.ndarray, stages: List[dict], query_pixel: Tuple[int, int],
+         title: str, out_file: str):
+    """Write the figure: a row per quantity, a column per stage, maps over the image."""
+    height, width = image.shape[:2]
+    extent = (0, width, height, 0)  # every map covers the whole image, whatever its grid
+    rows = (('energy', 'feature energy ‖x‖₂', 'inferno'),
+            ('gate', 'PA gate σ(dwconv(x)), mean over C', 'viridis'),
+            ('attention', 'attention of + over reduced keys', 'magma'))
+    panel = 3.2
+    fig, axes = plt.subplots(len(rows), len(stages), squeeze=False,
+                             figsize=(panel * len(stages), panel * len(rows) * height / width + 1.2))
+    for r, (key, label, cmap) in enumerate(rows):
+        for s, stage in enumerate(stages):
+            ax = axes[r][s]
+            values = stage[key]
+            ax.imshow(image, extent=extent)
+            shown = ax.imshow(values, cmap=cmap, alpha=0.6, extent=extent,
+                              interpolation='nearest')
+            fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+            ax.set_title(f'stage {s + 1} {label}\n{values.shape[0]}×{values.shape[1]} map, '
+                         f'{values.min():.3g}..{values.max():.3g}', fontsize=7)
+            if key == 'attention':
+                ax.plot(*query_pixel, marker='+', color='cyan', markersize=14, mew=2)
+            ax.set_xticks([])
+            ax.set_yticks([])
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out_file, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    if not args.out.lower().endswith('.png'):
+        raise SystemExit(f'--out {args.out}: the figure is written as PNG; name a .png file')
+    image, scale = load_image(args.image, args.max_size)
+    height, width = image.shape[:2]
+    if args.query is None:
+        query = (width // 2, height // 2)
+    else:
+        original = (round(width / scale), round(height / scale))
+        if not (0 <= args.query[0] < original[0] and 0 <= args.query[1] < original[1]):
+            raise SystemExit(f'--query {args.query[0]} {args.query[1]} lies outside the '
+                             f'{original[0]}×{original[1]} image (X in 0..{original[0] - 1}, '
+                             f'Y in 0..{original[1] - 1})')
+        query = (min(int(args.query[0] * scale), width - 1),
+                 min(int(args.query[1] * scale), height - 1))
+    try:
+        model, description = build_standalone_backbone(args.config_or_arch, args.checkpoint)
+    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as error:
+        raise SystemExit(str(error))  # a wrong name, config or checkpoint: the message says which
+    model.to(args.device)
+    stages = inspect(model, to_input(image, args.device), query)
+    draw(image, stages, query,
+         f'{description}; input {width}×{height}; query pixel {query}',
+         args.out)
+    print(f'{args.out}: {description}, input {width}×{height}')
+
+
+if __name__ == '__main__':
+    main()
