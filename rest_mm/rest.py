@@ -128,11 +128,26 @@ class EMSA(ReducedKVAttention):
 
     With ``apply_transform`` and more than one head, the logits are mixed across heads
     by a 1×1 conv (``transform_conv``), soft-maxed, then instance-normalised over each
-    head's ``N×N'`` map. The instance norm is applied after ``attn @ v`` instead of on the
-    map, which is exact: after a softmax every row sums to 1, so the map's mean is
-    ``1 / N'`` and ``(P - 1/N') @ v = P @ v - mean_keys(v)``; only the variance needs a
-    pass over the map. Without head mixing the attention is plain scaled dot-product.
+    head's ``N×N'`` map before ``@ v``. Without head mixing the attention is plain scaled
+    dot-product (``F.scaled_dot_product_attention``).
+
+    The mixed-head attention computes the same function with far fewer passes over
+    memory (``_mixed_head_attention``):
+
+    * the 1×1 conv over heads is an ``n×n`` matrix product along the head axis, with the
+      attention scale folded into that matrix;
+    * after a softmax every row sums to 1, so each head's map has mean exactly ``1/N'``:
+      the instance norm is ``(P - 1/N') * rsqrt(var + eps)``, and since the scale is one
+      number per head it moves past ``@ v``; only the variance needs the whole map;
+    * the map is processed a block of query rows at a time, small enough to stay in
+      cache, accumulating each head's sum of squared deviations; the full ``N×N'`` map is
+      never materialised, which also bounds inference memory.
     """
+
+    # Attention-map elements per block of query rows (16 MiB in float32): small enough to
+    # bound memory and stay mostly in the last-level cache, large enough that the loop's
+    # per-op overhead (a parallel region each) stays negligible.
+    map_block_elements = 1 << 22
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
                  apply_transform: bool = True, norm_eps: float = 1e-5,
@@ -143,19 +158,27 @@ class EMSA(ReducedKVAttention):
             self.transform_conv = nn.Conv2d(num_heads, num_heads, 1)
         self.instance_norm_eps = 1e-5
 
-    def _mixed_head_attention(self, q, k, v):
+    def _mixed_head_attention(self, q: torch.Tensor, k: torch.Tensor,
+                              v: torch.Tensor) -> torch.Tensor:
+        """``IN(softmax(mix(q·kᵀ·scale))) @ v`` for ``q`` ``B×n×N×d``, ``k, v`` ``B×n×N'×d``."""
         B, n, N, _ = q.shape
-        logits = torch.matmul(q * self.scale, k.transpose(-2, -1))
-        # The 1x1 conv over heads is an n×n matrix applied along the head axis.
-        mix = self.transform_conv.weight.view(n, n)
-        logits = torch.matmul(mix, logits.flatten(2)).view_as(logits)
-        logits = logits + self.transform_conv.bias.view(1, n, 1, 1)
-        attn = logits.softmax(dim=-1)
-        var = attn.var(dim=(-2, -1), correction=0, keepdim=True)
-        if self.training and self.attn_drop > 0:
-            attn = F.dropout(attn, self.attn_drop)
-        out = torch.matmul(attn, v) - v.mean(dim=-2, keepdim=True)
-        return out * torch.rsqrt(var + self.instance_norm_eps)
+        num_keys = k.shape[2]
+        mix = (self.transform_conv.weight.view(1, n, n) * self.scale).expand(B, n, n)
+        bias = self.transform_conv.bias.view(1, n, 1)
+        keys_t = k.transpose(-2, -1)
+        rows = max(1, self.map_block_elements // (B * n * num_keys))
+        blocks, sum_sq = [], 0.
+        for q_rows in q.split(rows, dim=2):
+            logits = torch.matmul(q_rows, keys_t)
+            logits = torch.baddbmm(bias, mix, logits.flatten(2)).view_as(logits)
+            centered = logits.softmax(dim=-1) - 1. / num_keys
+            sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=(-2, -1)).square()
+            if self.training and self.attn_drop > 0:
+                # dropout of the normalised map: the per-head scale commutes with it
+                centered = F.dropout(centered, self.attn_drop)
+            blocks.append(torch.matmul(centered, v))
+        var = (sum_sq / (N * num_keys)).view(B, n, 1, 1)
+        return torch.cat(blocks, dim=2) * torch.rsqrt(var + self.instance_norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape

@@ -1,0 +1,276 @@
+"""A straightforward ResT / ResTv2, the yardstick for ``tools/benchmark.py``.
+
+Written op by op from ``ARCHITECTURE.md`` (tests/data/reference/) with the authors' key
+names, so it loads their checkpoints as they are: tokens are ``B×N×C``; every convolution
+reshapes them to a ``B×C×h×w`` map and back; v1's head interaction is a 1×1 ``Conv2d``
+over the ``B×n×N×N'`` logits followed by a softmax and an ``nn.InstanceNorm2d`` over each
+head's map; every attention materialises its ``N×N'`` map. It is deliberately not
+optimised: it shows what the package's implementation (``rest_mm/rest.py``) is measured
+against, and tests/test_speed_tools.py proves both compute the same function.
+
+Like the package (and unlike the released code), it reads each stage's size from the
+tensors, so inputs need not be multiples of 32.
+
+Usage::
+
+    model = straightforward_rest.build('rest_small')          # or 'restv2_tiny', ...
+    stage_maps = model(images)                                # 4 NCHW maps
+    ours = rest_mm.ResT('small')
+    load_converted_state_dict(ours, convert_checkpoint(model.state_dict()))
+"""
+from typing import List, Sequence
+
+import torch
+from torch import nn
+
+V1_ARCHS = {
+    'lite': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
+    'small': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2)),
+    'base': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2)),
+    'large': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2)),
+}
+V2_ARCHS = {
+    'tiny': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 6, 2), num_heads=(1, 2, 4, 8)),
+    'small': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 12, 2), num_heads=(1, 2, 4, 8)),
+    'base': dict(embed_dims=(96, 192, 384, 768), depths=(1, 3, 16, 3), num_heads=(1, 2, 4, 8)),
+    'large': dict(embed_dims=(128, 256, 512, 1024), depths=(2, 3, 16, 2),
+                  num_heads=(2, 4, 8, 16)),
+}
+
+
+def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """``B×N×C`` tokens to a ``B×C×h×w`` map."""
+    B, _, C = x.shape
+    return x.permute(0, 2, 1).reshape(B, C, h, w)
+
+
+def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
+    """``B×C×h×w`` map to ``B×N×C`` tokens."""
+    return x.flatten(2).transpose(1, 2)
+
+
+class PA(nn.Module):
+    """``x * sigmoid(dwconv3x3(x))`` on a NCHW map."""
+
+    def __init__(self, dim):
+        super().__init__()
+        self.pa_conv = nn.Conv2d(dim, dim, 3, padding=1, groups=dim)
+
+    def forward(self, x):
+        return x * torch.sigmoid(self.pa_conv(x))
+
+
+class Mlp(nn.Module):
+
+    def __init__(self, dim, hidden_dim):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden_dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden_dim, dim)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Attention(nn.Module):
+    """v1's EMSA (``version=1``) or v2's attention with the upsample branch (``version=2``)."""
+
+    def __init__(self, dim, num_heads, sr_ratio, version, apply_transform, eps):
+        super().__init__()
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.sr_ratio = sr_ratio
+        self.version = version
+        self.q = nn.Linear(dim, dim)
+        self.kv = nn.Linear(dim, dim * 2)
+        if sr_ratio > 1:
+            self.sr = nn.Conv2d(dim, dim, sr_ratio + 1, stride=sr_ratio, padding=sr_ratio // 2,
+                                groups=dim)
+            self.sr_norm = nn.LayerNorm(dim, eps=eps)
+        self.apply_transform = version == 1 and apply_transform and num_heads > 1
+        if self.apply_transform:
+            self.transform_conv = nn.Conv2d(num_heads, num_heads, 1)
+            self.transform_norm = nn.InstanceNorm2d(num_heads)
+        if version == 2:
+            self.up = nn.Sequential(
+                nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim),
+                nn.PixelShuffle(sr_ratio))
+            self.up_norm = nn.LayerNorm(dim, eps=eps)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x, h, w):
+        B, N, C = x.shape
+        n, d = self.num_heads, self.head_dim
+        q = self.q(x).reshape(B, N, n, d).permute(0, 2, 1, 3)
+        if self.sr_ratio > 1:
+            reduced = self.sr(tokens_to_map(x, h, w))
+            hr, wr = reduced.shape[2:]
+            reduced = self.sr_norm(map_to_tokens(reduced))
+        else:
+            reduced, hr, wr = x, h, w
+        kv = self.kv(reduced).reshape(B, -1, 2, n, d).permute(2, 0, 3, 1, 4)
+        k, v = kv[0], kv[1]
+        attn = torch.matmul(q, k.transpose(-2, -1)) * self.scale
+        if self.apply_transform:
+            attn = self.transform_conv(attn)
+            attn = attn.softmax(dim=-1)
+            attn = self.transform_norm(attn)
+        else:
+            attn = attn.softmax(dim=-1)
+        out = torch.matmul(attn, v).transpose(1, 2).reshape(B, N, C)
+        if self.version == 2:
+            value_map = v.transpose(-2, -1).reshape(B, C, hr, wr)
+            up = self.up(value_map)[:, :, :h, :w]
+            out = out + self.up_norm(map_to_tokens(up))
+        return self.proj(out)
+
+
+class Block(nn.Module):
+
+    def __init__(self, dim, num_heads, sr_ratio, version, apply_transform, eps):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, sr_ratio, version, apply_transform, eps)
+        self.norm2 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, dim * 4)
+
+    def forward(self, x, h, w):
+        x = x + self.attn(self.norm1(x), h, w)
+        return x + self.mlp(self.norm2(x))
+
+
+class StemV1(nn.Module):
+
+    def __init__(self, out_channels):
+        super().__init__()
+        mid = out_channels // 2
+        self.conv1 = nn.Conv2d(3, mid, 3, stride=2, padding=1, bias=False)
+        self.norm1 = nn.BatchNorm2d(mid)
+        self.conv2 = nn.Conv2d(mid, mid, 3, stride=1, padding=1, bias=False)
+        self.norm2 = nn.BatchNorm2d(mid)
+        self.conv3 = nn.Conv2d(mid, out_channels, 3, stride=2, padding=1, bias=False)
+        self.relu = nn.ReLU(inplace=True)
+        self.pos = PA(out_channels)
+
+    def forward(self, x):
+        x = self.relu(self.norm1(self.conv1(x)))
+        x = self.relu(self.norm2(self.conv2(x)))
+        return self.pos(self.conv3(x))
+
+
+class PatchEmbedV1(nn.Module):
+
+    def __init__(self, in_channels, out_channels):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.pos = PA(out_channels)
+
+    def forward(self, x):
+        return self.pos(self.norm(self.conv(x)))
+
+
+class StemV2(nn.Module):
+
+    def __init__(self, out_channels, eps):
+        super().__init__()
+        mid = out_channels // 2
+        self.proj = nn.Sequential(
+            nn.Conv2d(3, mid, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(mid),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(mid, out_channels, 3, stride=2, padding=1, bias=False),
+            nn.BatchNorm2d(out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, 1))
+        self.pos = PA(out_channels)
+        self.norm = nn.LayerNorm(out_channels, eps=eps)
+
+    def forward(self, x):
+        return self.pos(self.proj(x))
+
+
+class PatchEmbedV2(nn.Module):
+
+    def __init__(self, in_channels, out_channels, eps):
+        super().__init__()
+        self.proj = nn.Conv2d(in_channels, out_channels, 3, stride=2, padding=1)
+        self.pos = PA(out_channels)
+        self.norm = nn.LayerNorm(out_channels, eps=eps)
+
+    def forward(self, x):
+        return self.pos(self.proj(x))
+
+
+class StraightforwardResT(nn.Module):
+    """The authors' ImageNet model without its classifier head.
+
+    ``forward`` returns the four stage maps as the reference data hold them
+    (tests/data/reference/README.md): each stage's last block output as NCHW; for v1 the
+    classifier's ``norm`` is applied to stage 4. The classifier head's keys, if present in
+    a checkpoint, are not part of this model.
+
+    Args:
+        version (int): 1 for ResT, 2 for ResTv2.
+        embed_dims, depths, num_heads, sr_ratios (Sequence[int]): Per-stage settings.
+        apply_transform (bool): v1's head interaction (ignored by v2, which has none).
+    """
+
+    def __init__(self, version: int, embed_dims: Sequence[int], depths: Sequence[int],
+                 num_heads: Sequence[int] = (1, 2, 4, 8), sr_ratios: Sequence[int] = (8, 4, 2, 1),
+                 apply_transform: bool = True):
+        super().__init__()
+        if version not in (1, 2):
+            raise ValueError(f'version must be 1 or 2, got {version}')
+        self.version = version
+        eps = 1e-5 if version == 1 else 1e-6
+        if version == 1:
+            self.stem = StemV1(embed_dims[0])
+        else:
+            self.stem = StemV2(embed_dims[0], eps)
+        for i in range(4):
+            if i > 0:
+                embed = (PatchEmbedV1(embed_dims[i - 1], embed_dims[i]) if version == 1 else
+                         PatchEmbedV2(embed_dims[i - 1], embed_dims[i], eps))
+                self.add_module(f'patch_embed_{i + 1}' if version == 1 else f'patch_{i + 1}',
+                                embed)
+            self.add_module(f'stage{i + 1}', nn.ModuleList([
+                Block(embed_dims[i], num_heads[i], sr_ratios[i], version, apply_transform, eps)
+                for _ in range(depths[i])
+            ]))
+        self.norm = nn.LayerNorm(embed_dims[3], eps=eps)
+
+    def _downsample(self, i: int) -> nn.Module:
+        if i == 0:
+            return self.stem
+        return getattr(self, f'patch_embed_{i + 1}' if self.version == 1 else f'patch_{i + 1}')
+
+    def forward(self, x: torch.Tensor) -> List[torch.Tensor]:
+        feature_map, outs = x, []
+        for i in range(4):
+            downsample = self._downsample(i)
+            feature_map = downsample(feature_map)
+            h, w = feature_map.shape[2:]
+            x = map_to_tokens(feature_map)
+            if self.version == 2:
+                x = downsample.norm(x)
+            for block in getattr(self, f'stage{i + 1}'):
+                x = block(x, h, w)
+            if self.version == 1 and i == 3:
+                x = self.norm(x)
+            feature_map = tokens_to_map(x, h, w)
+            outs.append(feature_map)
+        return outs
+
+
+def build(name: str, apply_transform: bool = True) -> StraightforwardResT:
+    """A straightforward model by preset name: ``rest_{lite,small,base,large}`` or
+    ``restv2_{tiny,small,base,large}``."""
+    version, _, arch = name.lower().partition('_')
+    archs = {'rest': V1_ARCHS, 'restv2': V2_ARCHS}.get(version)
+    if archs is None or arch not in archs:
+        known = [f'rest_{a}' for a in V1_ARCHS] + [f'restv2_{a}' for a in V2_ARCHS]
+        raise KeyError(f'unknown straightforward model {name!r}; choose one of {known}')
+    return StraightforwardResT(1 if version == 'rest' else 2, apply_transform=apply_transform,
+                               **archs[arch])
