@@ -19,6 +19,8 @@ from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 from torch import nn
 
+from .runtime import allow_mmengine_checkpoints
+
 _WRAPPER_KEYS = ('state_dict', 'model')
 # Whole-model checkpoints keep the backbone under one of these prefixes, most specific first.
 _BACKBONE_PREFIXES = ('backbone.bottom_up.', 'backbone.')
@@ -148,7 +150,12 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
 
 
 def read_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Mapping:
-    """Read a checkpoint file (or URL) with a clear error for a missing or corrupt one."""
+    """Read a checkpoint file (or URL) with a clear error for a missing or corrupt one.
+
+    Loading stays ``weights_only``; the types that mmengine's training checkpoints pickle
+    are allow-listed, so a detector or segmentor trained with this repo reads too.
+    """
+    allow_mmengine_checkpoints()
     try:
         checkpoint = CheckpointLoader.load_checkpoint(path, map_location=map_location)
     except FileNotFoundError as error:

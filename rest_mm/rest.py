@@ -166,9 +166,13 @@ class EMSA(ReducedKVAttention):
         mix = (self.transform_conv.weight.view(1, n, n) * self.scale).expand(B, n, n)
         bias = self.transform_conv.bias.view(1, n, 1)
         keys_t = k.transpose(-2, -1)
-        rows = max(1, self.map_block_elements // (B * n * num_keys))
+        if torch.jit.is_tracing() or torch.compiler.is_exporting():
+            row_blocks = (q, )  # a traced graph would freeze the block size to this input's
+        else:
+            rows = max(1, self.map_block_elements // (B * n * num_keys))
+            row_blocks = q.split(rows, dim=2)
         blocks, sum_sq = [], 0.
-        for q_rows in q.split(rows, dim=2):
+        for q_rows in row_blocks:
             logits = torch.matmul(q_rows, keys_t)
             logits = torch.baddbmm(bias, mix, logits.flatten(2)).view_as(logits)
             centered = logits.softmax(dim=-1) - 1. / num_keys

@@ -13,7 +13,6 @@ from torch import nn
 
 from .checkpoint import load_pretrained
 from .rest import ResT, ResTV2
-from .runtime import allow_mmengine_checkpoints
 
 BACKBONES = {'ResT': ResT, 'ResTV2': ResTV2}
 # Preset names: 'rest_' + a ResT arch or 'restv2_' + a ResTV2 arch.
@@ -70,7 +69,6 @@ def build_standalone_backbone(config_or_arch: str,
     if checkpoint is None:
         description += ', random weights'
     else:
-        allow_mmengine_checkpoints()  # a trained model's checkpoint pickles training state
         load_pretrained(model, checkpoint)
         description += f', weights {Path(checkpoint).name}'
     return model.eval(), description

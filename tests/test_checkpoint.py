@@ -133,3 +133,23 @@ def test_pretrained_prefix_selects_a_sub_model(tmp_path, reference_dir, referenc
     torch.testing.assert_close(model.stem.norm.weight, reference['stem.norm.weight'])
     with pytest.raises(RuntimeError, match="no key starting with 'student.'"):
         load_pretrained(model, str(path), prefix='student.')
+
+
+def test_backbone_loads_from_a_trained_detector_checkpoint(tmp_path, reference_dir,
+                                                           reference_arch):
+    """A Runner checkpoint pickles training state (HistoryBuffer, numpy); it still reads
+    with ``weights_only`` loading."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+    reference = torch.load(reference_dir / 'rest_v1_tiny.pt', weights_only=True)['state_dict']
+    ours = convert_checkpoint(reference)
+    buffer = HistoryBuffer()
+    buffer.update(0.5)
+    path = tmp_path / 'epoch_12.pth'
+    torch.save({'meta': {'epoch': 12}, 'message_hub': {'log_scalars': {'loss': buffer},
+                                                      'runtime_info': {'seed': np.int64(3)}},
+                'state_dict': {**{f'backbone.{k}': v for k, v in ours.items()},
+                               'neck.fpn_convs.0.conv.weight': torch.zeros(1)}}, path)
+    model = ResT(arch=reference_arch)
+    load_pretrained(model, str(path))
+    torch.testing.assert_close(model.norm3.weight, ours['norm3.weight'])
