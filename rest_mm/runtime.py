@@ -104,6 +104,23 @@ def _replace_sync_bn(node) -> int:
     return replaced
 
 
+def load_config(path: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
+                work_dir: Optional[str] = None) -> Config:
+    """The config at ``path`` with the command line's launcher, ``--cfg-options`` and
+    ``--work-dir`` applied (default work dir: ``work_dirs/<config name>``), as
+    ``tools/train.py`` and ``tools/test.py`` both need it."""
+    cfg = Config.fromfile(path)
+    cfg.launcher = launcher
+    if cfg_options is not None:
+        cfg.merge_from_dict(cfg_options)
+    check_scope(cfg, path)
+    if work_dir is not None:
+        cfg.work_dir = work_dir
+    elif cfg.get('work_dir') is None:
+        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(path))[0])
+    return cfg
+
+
 def adapt_config_to_device(cfg: Config, launcher: str = 'none') -> Config:
     """Make ``cfg`` runnable where CUDA is missing; a no-op where it is present.
 

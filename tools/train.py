@@ -57,15 +57,7 @@ def parse_args(argv=None):
 
 def build_config(args) -> Config:
     """The config with the command line applied and adapted to the device."""
-    cfg = Config.fromfile(args.config)
-    cfg.launcher = args.launcher
-    if args.cfg_options is not None:
-        cfg.merge_from_dict(args.cfg_options)
-    runtime.check_scope(cfg, args.config)
-    if args.work_dir is not None:
-        cfg.work_dir = args.work_dir
-    elif cfg.get('work_dir') is None:
-        cfg.work_dir = osp.join('./work_dirs', osp.splitext(osp.basename(args.config))[0])
+    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
