@@ -2,14 +2,14 @@
 
 mmengine's ``FlopAnalyzer`` (and ``get_model_complexity_info``, which mmdet's and
 mmseg's ``get_flops`` tools use) counts only the operators it has a handle for, and
-counts the rest as zero. Two operators that carry most of ResT's attention arithmetic
-have none: ``scaled_dot_product_attention`` (every attention of v2 and every one-head
-attention of v1) and ``baddbmm`` (v1's mixing of attention maps across heads). The
-handles here count them the way mmengine counts the rest: one multiply-accumulate is
-one FLOP, element-wise work (softmax, scaling, bias) is not counted.
+counts the rest as zero. The operator that carries most of ResT's attention arithmetic
+has none: ``scaled_dot_product_attention`` (every attention of v2 and every one-head
+attention of v1; v1's mixed-head attention uses ``matmul`` and ``bmm``, which mmengine
+counts). The handle here counts it the way mmengine counts the rest: one
+multiply-accumulate is one FLOP, element-wise work (softmax, scaling) is not counted.
 
-``register_flop_handles()`` adds them to mmengine's defaults, so that every analyser
-created afterwards (in our tools or in mmdet's and mmseg's) counts them.
+``register_flop_handles()`` adds it to mmengine's defaults, so that every analyser
+created afterwards (in our tools or in mmdet's and mmseg's) counts it.
 """
 import math
 from typing import Any, Dict, List, Optional
@@ -29,21 +29,13 @@ def sdpa_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
     return batch * length * source * (embed + v_shape[-1])
 
 
-def baddbmm_flop_jit(inputs: List[Any], outputs: List[Any]) -> int:
-    """``input + batch1 @ batch2``: the batched product's multiply-accumulates."""
-    batch, rows, inner = get_shape(inputs[1])
-    columns = get_shape(inputs[2])[-1]
-    return batch * rows * inner * columns
-
-
 FLOP_HANDLES = {
     'aten::scaled_dot_product_attention': sdpa_flop_jit,
-    'aten::baddbmm': baddbmm_flop_jit,
 }
 
 
 def register_flop_handles() -> None:
-    """Add the handles to mmengine's defaults (idempotent)."""
+    """Add the handle to mmengine's defaults (idempotent)."""
     from mmengine.analysis import complexity_analysis
     complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.update(FLOP_HANDLES)
 

@@ -35,6 +35,12 @@ def _to_nhwc(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _channels_last(x: torch.Tensor) -> torch.Tensor:
+    """The input image in channels-last memory, so that every convolution after it runs
+    channels-last (faster on CPU) and the stem's NHWC output is contiguous."""
+    return x.contiguous(memory_format=torch.channels_last)
+
+
 class PA(nn.Module):
     """Pixel-attention positional encoding: ``x * sigmoid(dwconv3x3(x))`` on NCHW maps.
 
@@ -135,7 +141,8 @@ class EMSA(ReducedKVAttention):
     memory (``_mixed_head_attention``):
 
     * the 1×1 conv over heads is an ``n×n`` matrix product along the head axis, with the
-      attention scale folded into that matrix;
+      attention scale folded into that matrix; its bias, one constant per head, cancels
+      in the softmax and is left out;
     * after a softmax every row sums to 1, so each head's map has mean exactly ``1/N'``:
       the instance norm is ``(P - 1/N') * rsqrt(var + eps)``, and since the scale is one
       number per head it moves past ``@ v``; only the variance needs the whole map;
@@ -156,6 +163,11 @@ class EMSA(ReducedKVAttention):
         self.apply_transform = apply_transform and num_heads > 1
         if self.apply_transform:
             self.transform_conv = nn.Conv2d(num_heads, num_heads, 1)
+            # The conv's bias adds one constant to every logit of a head and the softmax
+            # removes it: it cannot change the output and its gradient is exactly zero. It
+            # stays for the checkpoints but is left out of the computation, and frozen so
+            # that DDP does not wait for its gradient.
+            self.transform_conv.bias.requires_grad_(False)
         self.instance_norm_eps = 1e-5
 
     def _mixed_head_attention(self, q: torch.Tensor, k: torch.Tensor,
@@ -164,7 +176,6 @@ class EMSA(ReducedKVAttention):
         B, n, N, _ = q.shape
         num_keys = k.shape[2]
         mix = (self.transform_conv.weight.view(1, n, n) * self.scale).expand(B, n, n)
-        bias = self.transform_conv.bias.view(1, n, 1)
         keys_t = k.transpose(-2, -1)
         if torch.jit.is_tracing() or torch.compiler.is_exporting():
             row_blocks = (q, )  # a traced graph would freeze the block size to this input's
@@ -174,7 +185,7 @@ class EMSA(ReducedKVAttention):
         blocks, sum_sq = [], 0.
         for q_rows in row_blocks:
             logits = torch.matmul(q_rows, keys_t)
-            logits = torch.baddbmm(bias, mix, logits.flatten(2)).view_as(logits)
+            logits = torch.bmm(mix, logits.flatten(2)).view_as(logits)
             centered = logits.softmax(dim=-1) - 1. / num_keys
             sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=(-2, -1)).square()
             if self.training and self.attn_drop > 0:
@@ -257,7 +268,7 @@ class ResTStem(nn.Module):
         self.pos = PA(out_channels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = F.relu(self.norm1(self.conv1(x)), inplace=True)
+        x = F.relu(self.norm1(self.conv1(_channels_last(x))), inplace=True)
         x = F.relu(self.norm2(self.conv2(x)), inplace=True)
         return _to_nhwc(self.pos(self.conv3(x)))
 
@@ -294,7 +305,7 @@ class ResTV2Stem(nn.Module):
         self.norm = nn.LayerNorm(out_channels, eps=norm_eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.norm(_to_nhwc(self.pos(self.proj(x))))
+        return self.norm(_to_nhwc(self.pos(self.proj(_channels_last(x)))))
 
 
 class ResTV2PatchEmbed(nn.Module):

@@ -3,7 +3,7 @@ published numbers.
 
 Backbones are counted at 224×224 (as published, for ImageNet classification); config
 models at their standard test size: 1280×800 (W×H) for detection, 512×2048 (H×W) for
-segmentation. Counting uses mmengine's ``FlopAnalyzer`` with the handles of
+segmentation. Counting uses mmengine's ``FlopAnalyzer`` with the handle of
 ``rest_mm.flops`` (so ``scaled_dot_product_attention`` and the head mixing count); one
 FLOP is one multiply-accumulate, as in mmengine, mmdet and mmseg.
 
