@@ -156,6 +156,29 @@ def test_blocked_rows_give_the_same_outputs_and_gradients(cls, monkeypatch):
                                    msg=name)
 
 
+@pytest.mark.parametrize('rows', [13, 4, 1])
+def test_mixed_head_backward_is_the_gradient(rows):
+    """The hand-written backward of v1's mixed-head attention: numerical gradients
+    (gradcheck), and with attention dropout the gradients autograd takes through the
+    same forward, same random mask."""
+    from rest_mm.rest import _MixedHeadAttention, _mixed_head_attention
+    torch.manual_seed(0)
+    q, k, v = (torch.randn(2, 3, m, 5, dtype=torch.float64, requires_grad=True)
+               for m in (13, 7, 7))
+    mix = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(
+        lambda *t: _MixedHeadAttention.apply(*t, rows, 0., 1e-5), (q, k, v, mix))
+    grad_out = torch.randn(2, 3, 13, 5, dtype=torch.float64)
+    torch.manual_seed(1)
+    ours = torch.autograd.grad(_MixedHeadAttention.apply(q, k, v, mix, rows, 0.3, 1e-5),
+                               (q, k, v, mix), grad_out)
+    torch.manual_seed(1)
+    expected = torch.autograd.grad(_mixed_head_attention(q, k, v, mix, rows, 0.3, 1e-5)[0],
+                                   (q, k, v, mix), grad_out)
+    for a, b in zip(ours, expected):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_attention_dropout_is_dropout_of_the_normalised_map():
     """With attention dropout, ours drops entries of the instance-normalised map, as the
     op-by-op description does: same random mask, same result."""
