@@ -204,12 +204,22 @@ class _MixedHeadAttention(torch.autograd.Function):
         out, unscaled, inv_std, kept = _mixed_head_attention(q, k, v, mix, rows, drop, eps,
                                                              keep_for_backward=True)
         ctx.rows, ctx.drop = rows, drop
+        # mixed precision: the backward runs under the forward's autocast state, as
+        # torch.amp.custom_bwd would do for one fixed device type
+        device = q.device.type
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device))
         ctx.save_for_backward(q, k, v, mix, unscaled, inv_std, *kept)
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        with torch.autocast(**ctx.autocast):
+            return _MixedHeadAttention._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
         q, k, v, mix, unscaled, inv_std, *kept = ctx.saved_tensors
         B, n, N, _ = q.shape
         num_keys = k.shape[2]
@@ -230,7 +240,8 @@ class _MixedHeadAttention(torch.autograd.Function):
                 d_v += torch.matmul(((probs - 1. / num_keys) * keep).transpose(-2, -1), grad_rows)
                 d_probs *= keep
             d_probs.addcmul_(probs, coef)
-            d_mixed = torch._softmax_backward_data(d_probs, probs, -1, probs.dtype)
+            d_mixed = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1,
+                                                   probs.dtype)
             logits = torch.matmul(q_rows, keys_t)
             d_mix += torch.bmm(d_mixed.flatten(2), logits.flatten(2).transpose(1, 2)).sum(0)
             d_logits = torch.bmm(mix_t, d_mixed.flatten(2)).view_as(logits)

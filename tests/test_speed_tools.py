@@ -179,6 +179,26 @@ def test_mixed_head_backward_is_the_gradient(rows):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_mixed_head_backward_under_autocast():
+    """Mixed precision (``--amp``): the backward runs in the forward's autocast state
+    and agrees with autograd through the same forward to bfloat16 precision."""
+    from rest_mm.rest import _MixedHeadAttention, _mixed_head_attention
+    torch.manual_seed(0)
+    inputs = [torch.randn(2, 4, m, 16, requires_grad=True) for m in (40, 12, 12)]
+    inputs.append(torch.randn(4, 4, requires_grad=True))
+    grad_out = torch.randn(2, 4, 40, 16)
+    grads = []
+    for attention in (lambda *t: _MixedHeadAttention.apply(*t, 16, 0., 1e-5),
+                      lambda *t: _mixed_head_attention(*t, 16, 0., 1e-5)[0]):
+        with torch.autocast('cpu', dtype=torch.bfloat16):
+            out = attention(*inputs)
+        grads.append(torch.autograd.grad(out, inputs, grad_out))
+    for ours, autograd in zip(*grads):
+        assert ours.dtype == autograd.dtype and torch.isfinite(ours).all()
+        scale = autograd.abs().max().item()
+        torch.testing.assert_close(ours, autograd, rtol=0, atol=0.05 * scale)
+
+
 def test_attention_dropout_is_dropout_of_the_normalised_map():
     """With attention dropout, ours drops entries of the instance-normalised map, as the
     op-by-op description does: same random mask, same result."""
