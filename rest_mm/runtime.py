@@ -24,6 +24,11 @@ as we could:
 * **SyncBN on CPU.** SyncBN needs CUDA; mmengine reverts it to BN only when not
   distributed. Without CUDA every ``SyncBN`` in the config becomes ``BN`` (equal
   statistics in a single process; per-process statistics under gloo, as DDP's BN).
+* **The test metrics json under a distributed launcher.** mmengine's ``LoggerHook``
+  dumps the test metrics to ``<timestamp>.json`` from every rank into the same file; two
+  processes truncating and writing one file left it corrupt (a stray ``}`` seen in CI).
+  :func:`write_test_metrics_from_rank_zero` makes the config's logger hook
+  :class:`RankZeroLoggerHook`, which writes it from rank 0 only.
 
 It also checks, before anything is built, that the datasets and checkpoints a run needs
 exist, so a wrong path fails with a message that names it and says how to get the data.
@@ -34,7 +39,10 @@ from typing import Iterable, Iterator, List, Optional
 
 import torch
 from mmengine.config import Config, ConfigDict
+from mmengine.dist import is_main_process
+from mmengine.hooks import LoggerHook
 from mmengine.logging import HistoryBuffer, print_log
+from mmengine.registry import HOOKS
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 _DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
@@ -176,6 +184,25 @@ def init_distributed(cfg: Config, launcher: str) -> None:
     dist_cfg['backend'] = 'gloo'
     with _without_cuda_set_device():
         init_dist(launcher, **dist_cfg)
+
+
+@HOOKS.register_module()
+class RankZeroLoggerHook(LoggerHook):
+    """mmengine's ``LoggerHook``, with the test metrics logged and dumped to json by
+    rank 0 only (every rank holds the same, already collected, metrics)."""
+
+    def after_test_epoch(self, runner, metrics: Optional[dict] = None) -> None:
+        if is_main_process():
+            super().after_test_epoch(runner, metrics)
+
+
+def write_test_metrics_from_rank_zero(cfg: Config) -> Config:
+    """Make the config's ``LoggerHook`` a :class:`RankZeroLoggerHook` (same arguments);
+    a config with another logger hook is left as it is. Changes ``cfg`` in place."""
+    logger_hook = cfg.get('default_hooks', {}).get('logger')
+    if logger_hook is not None and logger_hook.get('type') in ('LoggerHook', LoggerHook):
+        logger_hook['type'] = 'RankZeroLoggerHook'
+    return cfg
 
 
 # ---------------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.logging import HistoryBuffer, MessageHub
+from mmengine.registry import HOOKS
 from PIL import Image
 
 from rest_mm import runtime
@@ -115,6 +116,34 @@ def test_cpu_adaptation_for_distributed_runs():
     assert single.model.norm_cfg.type == 'BN' and 'model_wrapper_cfg' not in single
     with pytest.raises(ValueError, match="launcher must be one of.*got 'slurmm'"):
         runtime.adapt_config_to_device(single, 'slurmm')
+
+
+def test_test_metrics_json_is_written_by_rank_zero_only(tmp_path, monkeypatch):
+    """Every rank used to dump the test metrics into one json file (corrupt in CI)."""
+    cfg = Config(dict(default_hooks=dict(logger=dict(type='LoggerHook', interval=7))))
+    hook_cfg = runtime.write_test_metrics_from_rank_zero(cfg).default_hooks.logger
+    assert hook_cfg == dict(type='RankZeroLoggerHook', interval=7)
+    custom = Config(dict(default_hooks=dict(logger=dict(type='MyLoggerHook'))))
+    assert runtime.write_test_metrics_from_rank_zero(custom).default_hooks.logger.type == \
+        'MyLoggerHook'
+
+    class Runner:
+        log_dir = str(tmp_path)
+        test_dataloader = [None]
+
+        class logger:
+            info = staticmethod(lambda message: None)
+
+        class log_processor:
+            get_log_after_epoch = staticmethod(lambda *args, **kwargs: ({'mIoU': 1.5}, ''))
+
+    hook = HOOKS.build(hook_cfg)
+    hook.json_log_path = 'metrics.json'
+    for main_process in (False, True):
+        monkeypatch.setattr(runtime, 'is_main_process', lambda: main_process)
+        hook.after_test_epoch(Runner())
+        assert (tmp_path / 'metrics.json').exists() == main_process
+    assert json.loads((tmp_path / 'metrics.json').read_text()) == {'mIoU': 1.5}
 
 
 def test_missing_dataset_names_path_and_remedy(tmp_path):

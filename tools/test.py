@@ -68,6 +68,7 @@ def build_config(args) -> Config:
     if args.show or args.show_dir:
         _show_predictions(cfg, args)
     runtime.check_datasets(cfg, ['test_dataloader'])
+    runtime.write_test_metrics_from_rank_zero(cfg)
     return runtime.adapt_config_to_device(cfg, args.launcher)
 
 
