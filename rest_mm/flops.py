@@ -8,11 +8,10 @@ attention of v1; v1's mixed-head attention uses ``matmul`` and ``bmm``, which mm
 counts). The handle here counts it the way mmengine counts the rest: one
 multiply-accumulate is one FLOP, element-wise work (softmax, scaling) is not counted.
 
-``register_flop_handles()`` adds it to mmengine's defaults, so that every analyser
-created afterwards (in our tools or in mmdet's and mmseg's) counts it.
+``flop_analyzer`` builds mmengine's analyser with that handle.
 """
 import math
-from typing import Any, Dict, List, Optional
+from typing import Any, List
 
 import torch
 from mmengine.analysis import FlopAnalyzer
@@ -34,21 +33,14 @@ FLOP_HANDLES = {
 }
 
 
-def register_flop_handles() -> None:
-    """Add the handle to mmengine's defaults (idempotent)."""
-    from mmengine.analysis import complexity_analysis
-    complexity_analysis._DEFAULT_SUPPORTED_FLOP_OPS.update(FLOP_HANDLES)
-
-
-def flop_analyzer(model: torch.nn.Module, inputs: Any,
-                  extra_handles: Optional[Dict[str, Any]] = None) -> FlopAnalyzer:
+def flop_analyzer(model: torch.nn.Module, inputs: Any) -> FlopAnalyzer:
     """A ``FlopAnalyzer`` for ``model(*inputs)`` that counts our attention operators.
 
     Warnings about operators counted as zero are silenced: they are element-wise
     (activations, softmax, norms of the attention map, reshapes), which mmengine's
     convention does not count.
     """
-    analyzer = FlopAnalyzer(model, inputs).set_op_handle(**FLOP_HANDLES, **(extra_handles or {}))
+    analyzer = FlopAnalyzer(model, inputs).set_op_handle(**FLOP_HANDLES)
     analyzer.unsupported_ops_warnings(False)
     analyzer.uncalled_modules_warnings(False)
     return analyzer

@@ -68,14 +68,15 @@ def _is_tracing() -> bool:
 
 
 class Mlp(nn.Module):
-    """Linear, exact GELU, Linear, applied a block of tokens at a time.
+    """Linear, exact GELU, Linear; on the CPU a block of tokens at a time.
 
     The hidden layer is four times wider than the tokens. At detection sizes it would
     be a tensor of a hundred MB or more per call, which the C allocator hands out as
     fresh pages that the kernel must fault in and zero every time; blocks of at most
-    ``hidden_block_elements`` are reused from the heap instead (5% of ResT-S and
-    ResTv2-T inference at 800×1344) and bound inference memory. Tokens are independent,
-    so blocking does not change the result.
+    ``hidden_block_elements`` are reused from the heap instead, and bound inference
+    memory. Tokens are independent, so blocking does not change the result. CUDA's
+    caching allocator reuses memory anyway, so there the blocks would only add launches
+    and a copy.
     """
 
     hidden_block_elements = 1 << 22
@@ -93,7 +94,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         rows = max(1, self.hidden_block_elements // self.fc1.out_features)
-        if tokens.shape[0] <= rows or _is_tracing():
+        if tokens.shape[0] <= rows or not x.is_cpu or _is_tracing():
             return self._mlp(x)
         blocks = [self._mlp(block) for block in tokens.split(rows)]
         return torch.cat(blocks).view(*x.shape[:-1], -1)
@@ -195,8 +196,8 @@ def _mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 class _MixedHeadAttention(torch.autograd.Function):
     """``_mixed_head_attention`` with a hand-written backward that keeps one map per block
     (the softmax) instead of autograd's three (logits, softmax, centred map): a third of
-    the training memory of v1's attention (ResT-S, 2×3×800×800: 3.6 → 2.5 GiB peak), at
-    the same speed. The logits are recomputed block by block for the mixing's gradient.
+    the training memory of v1's attention, at the same speed (README, "Performance"). The
+    logits are recomputed block by block for the mixing's gradient.
     """
 
     @staticmethod
@@ -300,11 +301,11 @@ class EMSA(ReducedKVAttention):
         """``IN(softmax(mix(q·kᵀ·scale))) @ v`` for ``q`` ``B×n×N×d``, ``k, v`` ``B×n×N'×d``."""
         B, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
-        # a traced graph would freeze the block size to this input's
-        rows = N if _is_tracing() else max(1, self.map_block_elements // (B * n * k.shape[2]))
+        tracing = _is_tracing()  # a traced graph would freeze the block size to this input's
+        rows = N if tracing else max(1, self.map_block_elements // (B * n * k.shape[2]))
         drop = self.attn_drop if self.training else 0.
         needs_grad = any(t.requires_grad for t in (q, k, v, mix))
-        if torch.is_grad_enabled() and needs_grad and not _is_tracing():
+        if torch.is_grad_enabled() and needs_grad and not tracing:
             return _MixedHeadAttention.apply(q, k, v, mix, rows, drop, self.instance_norm_eps)
         return _mixed_head_attention(q, k, v, mix, rows, drop, self.instance_norm_eps)[0]
 

@@ -17,8 +17,8 @@ def _readme_commands():
     text = (REPO / 'README.md').read_text()
     blocks = re.findall(r'```bash\n(.*?)```', text, flags=re.S)
     commands = []
-    for line in '\n'.join(blocks).splitlines():
-        line = line.split('#')[0].strip().rstrip('\\').strip()
+    for line in '\n'.join(blocks).replace('\\\n', ' ').splitlines():  # join continuations
+        line = line.split('#')[0].strip()
         match = COMMAND.match(line)
         if match:
             commands.append((match[2], re.findall(r'(?<!\S)(--[a-z][a-z0-9-]*)', match[3])))

@@ -1,6 +1,5 @@
 """Fast checks of the tools' runtime: checkpoint allow-list, CPU adaptation, clear errors
 for bad input, and the toy data generator."""
-import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -21,21 +20,14 @@ SMALL_SPEC = ToyDataSpec(num_train=6, num_val=3, height=48, width=64, min_size=1
                          max_size=24, max_objects=3, seed=3)
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'tool_{name}', REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope='module')
+def train_tool(load_tool):
+    return load_tool('train')
 
 
 @pytest.fixture(scope='module')
-def train_tool():
-    return _load_tool('train')
-
-
-@pytest.fixture(scope='module')
-def test_tool():
-    return _load_tool('test')
+def test_tool(load_tool):
+    return load_tool('test')
 
 
 @pytest.fixture
@@ -237,8 +229,8 @@ def test_toy_data_is_exact_and_deterministic(tmp_path):
         ToyDataSpec(height=48, width=64, max_size=100)
 
 
-def test_make_toy_data_cli(tmp_path, capsys):
-    tool = _load_tool('make_toy_data')
+def test_make_toy_data_cli(tmp_path, capsys, load_tool):
+    tool = load_tool('make_toy_data')
     tool.main(['--out-dir', str(tmp_path), '--num-train', '2', '--num-val', '1', '--height',
                '40', '--width', '40', '--min-size', '8', '--max-size', '16'])
     assert 'toy data generated' in capsys.readouterr().out

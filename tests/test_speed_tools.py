@@ -1,9 +1,7 @@
 """The speed work keeps the numbers: the straightforward implementation (tools/) reproduces
 the authors' reference data, ours computes the same function, FLOPs are counted right, and
 the benchmark and FLOP tools run and print figures."""
-import importlib.util
 import re
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +13,6 @@ from rest_mm import ResT, ResTV2, convert_checkpoint
 from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.flops import flop_analyzer
 
-TOOLS = Path(__file__).resolve().parents[1] / 'tools'
 REFERENCES = [
     ('rest_v1_tiny.pt', ResT, dict(apply_transform=True), 1),
     ('rest_v1_tiny_no_transform.pt', ResT, dict(apply_transform=False), 1),
@@ -24,19 +21,9 @@ REFERENCES = [
 REFERENCE_IDS = [r[0] for r in REFERENCES]
 
 
-def _load_tool(name):
-    """Import a script from tools/ by path (``tests`` is not an importable package here)."""
-    if str(TOOLS) not in sys.path:
-        sys.path.insert(0, str(TOOLS))
-    spec = importlib.util.spec_from_file_location(name, TOOLS / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.fixture(scope='module')
-def straightforward():
-    return _load_tool('straightforward_rest')
+def straightforward(load_tool):
+    return load_tool('straightforward_rest')
 
 
 def _straightforward_from_reference(straightforward, reference, arch, version, kwargs):
@@ -139,14 +126,28 @@ def test_blocked_rows_give_the_same_outputs_and_gradients(cls, monkeypatch):
         return outputs, {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
 
     whole, whole_grads = outputs_and_grads()
-    calls = []
-    original_split = torch.Tensor.split
-    monkeypatch.setattr(torch.Tensor, 'split', lambda t, *a, **k: calls.append(1) or
-                        original_split(t, *a, **k))
+    calls = []  # what ran blocked: ('Mlp', 1) per MLP block, ('EMSA', blocks) per call
+    original_mlp, original_row_blocks = rest.Mlp._mlp, rest._row_blocks
+
+    def mlp_block(module, tokens):
+        calls.append(('Mlp', 1))
+        return original_mlp(module, tokens)
+
+    def row_blocks(tensor, rows):
+        blocks = original_row_blocks(tensor, rows)
+        calls.append(('EMSA', len(blocks)))
+        return blocks
+
+    monkeypatch.setattr(rest.Mlp, '_mlp', mlp_block)
+    monkeypatch.setattr(rest, '_row_blocks', row_blocks)
     monkeypatch.setattr(rest.Mlp, 'hidden_block_elements', 1000)
     monkeypatch.setattr(rest.EMSA, 'map_block_elements', 1000)
     blocked, blocked_grads = outputs_and_grads()
+    monkeypatch.undo()
     assert calls  # the blocked paths ran
+    mlps = sum(isinstance(m, rest.Mlp) for m in model.modules())
+    assert sum(n for what, n in calls if what == 'Mlp') > mlps
+    assert any(what == 'EMSA' and n > 1 for what, n in calls) == (cls is ResT)
     for a, b in zip(whole, blocked):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     # rounding scale: some gradients are exactly zero in theory (a conv bias before BN)
@@ -245,8 +246,8 @@ def test_flops_equal_the_straightforward_count(straightforward, name):
 
 
 @pytest.fixture(scope='module')
-def get_flops():
-    return _load_tool('get_flops')
+def get_flops(load_tool):
+    return load_tool('get_flops')
 
 
 def _table(text):
@@ -275,16 +276,14 @@ def test_flops_at_224_match_the_published_numbers(get_flops, capsys):
 
 def test_get_flops_counts_a_config_model(get_flops, capsys):
     config = Path(__file__).resolve().parents[1] / 'configs/segmentation/upernet_restv2_tiny_ade20k.py'
-    if not config.is_file():
-        pytest.skip(f'{config} not written yet')
     get_flops.main(['--backbones', '--configs', str(config), '--config-size', '64x128'])
     row = _table(capsys.readouterr().out)['upernet_restv2_tiny_ade20k']
     assert row[0] == '64×128' and float(row[1]) > 50 and float(row[2]) > 0
 
 
 @pytest.fixture(scope='module')
-def benchmark():
-    return _load_tool('benchmark')
+def benchmark(load_tool):
+    return load_tool('benchmark')
 
 
 def test_benchmark_compares_and_plots(benchmark, capsys, tmp_path):

@@ -7,7 +7,6 @@ run the tools as a user would, on generated images of odd sizes, and check the f
 they write: pictures of the input's size, a readable figure, ONNX files that reproduce
 PyTorch at several sizes with onnxruntime.
 """
-import importlib.util
 import subprocess
 import sys
 import textwrap
@@ -33,27 +32,19 @@ REFERENCE_MODELS = {
 }
 
 
-def _load_tool(name):
-    spec = importlib.util.spec_from_file_location(f'usage_tool_{name}',
-                                                  REPO / 'tools' / f'{name}.py')
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+@pytest.fixture(scope='module')
+def visualize_tool(load_tool):
+    return load_tool('visualize')
 
 
 @pytest.fixture(scope='module')
-def visualize_tool():
-    return _load_tool('visualize')
+def export_tool(load_tool):
+    return load_tool('export_onnx')
 
 
 @pytest.fixture(scope='module')
-def export_tool():
-    return _load_tool('export_onnx')
-
-
-@pytest.fixture(scope='module')
-def demo_tool():
-    return _load_tool('demo')
+def demo_tool(load_tool):
+    return load_tool('demo')
 
 
 def _reference_model(name, reference_dir, reference_arch):

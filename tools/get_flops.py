@@ -59,8 +59,8 @@ def backbone_flops(name: str, size: Tuple[int, int]) -> Dict[str, float]:
     analyzer = flop_analyzer(model, (torch.randn(1, 3, *size), ))
     head = model.embed_dims[-1] * 1000 + 1000
     # the published v1 convention: without attention products and the stem's conv2
-    left_out = analyzer.by_operator().get('matmul', 0) + analyzer.by_operator().get(
-        'scaled_dot_product_attention', 0)
+    by_operator = analyzer.by_operator()
+    left_out = by_operator.get('matmul', 0) + by_operator.get('scaled_dot_product_attention', 0)
     if hasattr(model.stem, 'conv2'):
         left_out += analyzer.total('stem.conv2')
     return dict(params=count_params(model), params_with_head=count_params(model) + head,
@@ -116,9 +116,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    import rest_mm  # noqa: F401
-    from rest_mm.flops import register_flop_handles
-    register_flop_handles()
     size = f'{args.size[0]}x{args.size[1]}'
     if args.backbones:
         print(f'| backbone | params M | with 1000-class head | published params M | '
