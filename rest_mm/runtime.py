@@ -205,6 +205,14 @@ def write_test_metrics_from_rank_zero(cfg: Config) -> Config:
     return cfg
 
 
+def close_distributed() -> None:
+    """Destroy the process group at the end of a run, as torch asks: left to interpreter
+    exit, gloo's threads were torn down in the wrong order and aborted a finished run
+    (``terminate called without an active exception``, seen once in the two-process test)."""
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
 # ---------------------------------------------------------------------------------------
 # Clear errors for missing inputs.
 # ---------------------------------------------------------------------------------------

@@ -88,7 +88,9 @@ def main(argv=None):
         else:
             from mmengine.evaluator import DumpResults
         runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
-    return runner.test()
+    metrics = runner.test()
+    runtime.close_distributed()
+    return metrics
 
 
 if __name__ == '__main__':

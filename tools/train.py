@@ -95,6 +95,7 @@ def main(argv=None):
     else:
         runner = Runner.from_cfg(cfg)
     runner.train()
+    runtime.close_distributed()
 
 
 if __name__ == '__main__':
