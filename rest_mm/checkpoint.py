@@ -10,15 +10,18 @@ returns backbone weights under our key names. Converting its own output changes 
 over are the classifier head (dropped by the converter) and the output norms that the
 dense-prediction releases add fresh.
 """
+import os.path as osp
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Tuple
+from typing import Dict, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 from torch import nn
 
+from .checkpoint_files import CheckpointFileError, read_local_checkpoint
 from .runtime import allow_mmengine_checkpoints
 
 _WRAPPER_KEYS = ('state_dict', 'model')
@@ -30,16 +33,33 @@ _RENAMES = (
     (re.compile(r'^stage(\d)\.(\d+)\.'), lambda m: f'stages.{int(m[1]) - 1}.blocks.{m[2]}.'),
     (re.compile(r'\.attn\.up\.0\.'), lambda m: '.attn.up_conv.'),
 )
+# The authors number output norms from 1: v1 detectron2 `norm1`..`norm3` (stages 1-3, its
+# stage-4 norm is the ImageNet `norm`), v2 detectron2 `norm_1.0`..`norm_4.0` (a LayerNorm
+# inside a Sequential), v2 mmseg 0.x `norm_1`..`norm_4`. Ours are `norm0`..`norm3`.
+_AUTHORS_OUTPUT_NORM = re.compile(r'^norm_?([1-4])\.(?:0\.)?')
 _OUTPUT_NORM = re.compile(r'^norm(\d)\.')
+# Every ResT/ResTV2 block's attention has these (converted names); other models' do not.
+_REST_ATTENTION_KEY = re.compile(r'^stages\.\d\.blocks\.\d+\.attn\.(q|kv)\.weight$')
 
 
-def _unwrap(checkpoint: Mapping) -> Mapping:
+def unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
+    """The state dict inside ``state_dict`` / ``model`` wrappers, however deep.
+
+    Raises:
+        ValueError: A wrapper that contains itself (``d['model'] = d``, or a longer
+            cycle), which would otherwise be unwrapped for ever.
+    """
+    seen = set()
     while True:
-        inner = next((checkpoint[k] for k in _WRAPPER_KEYS
-                      if isinstance(checkpoint.get(k), Mapping)), None)
-        if inner is None:
+        seen.add(id(checkpoint))
+        key = next((k for k in _WRAPPER_KEYS if isinstance(checkpoint.get(k), Mapping)), None)
+        if key is None:
             return checkpoint
-        checkpoint = inner
+        checkpoint = checkpoint[key]
+        if id(checkpoint) in seen:
+            raise ValueError(f"the checkpoint's {key!r} entry leads back to a dict that "
+                             f'contains it (a cycle); expected a state dict, possibly wrapped '
+                             f"as {{'state_dict': ...}} or {{'model': ...}}")
 
 
 def _strip_prefixes(state_dict: Mapping) -> Dict[str, torch.Tensor]:
@@ -56,6 +76,25 @@ def is_v1(state_dict: Mapping) -> bool:
     return any(k.startswith('stem.conv1.') for k in state_dict)
 
 
+def _is_authors_layout(state_dict: Mapping) -> bool:
+    """The authors name stages ``stage1``..``stage4``; ours are ``stages.0``..``stages.3``."""
+    return not any(k.startswith('stages.') for k in state_dict)
+
+
+def _authors_key(key: str, v1: bool) -> Optional[str]:
+    """One of the authors' backbone keys under our name; None for the classifier."""
+    if key.startswith('head.') or (key.startswith('norm.') and not v1):
+        return None
+    if key.startswith('norm.'):
+        return 'norm3.' + key[len('norm.'):]
+    match = _AUTHORS_OUTPUT_NORM.match(key)
+    if match:
+        return f'norm{int(match[1]) - 1}.' + key[match.end():]
+    for pattern, replacement in _RENAMES:
+        key = pattern.sub(replacement, key)
+    return key
+
+
 def convert_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, torch.Tensor]':
     """Backbone weights under our key names, from any supported checkpoint layout.
 
@@ -65,21 +104,19 @@ def convert_checkpoint(checkpoint: Mapping) -> 'OrderedDict[str, torch.Tensor]':
     Returns:
         OrderedDict: The backbone's tensors. The classifier ``head`` is dropped; the
         classifier ``norm`` becomes v1's stage-4 output norm ``norm3`` and is dropped
-        for v2, whose dense-prediction release does not use it.
+        for v2, whose dense-prediction releases do not use it. The authors' trained output
+        norms (detectron2 and mmseg 0.x releases, numbered from 1) become ``norm0``..
+        ``norm3``. Weights already in our layout are returned as they are.
     """
-    state_dict = _strip_prefixes(_unwrap(checkpoint))
+    state_dict = _strip_prefixes(unwrap_checkpoint(checkpoint))
+    if not _is_authors_layout(state_dict):
+        return OrderedDict(state_dict)
     v1 = is_v1(state_dict)
     converted = OrderedDict()
     for key, value in state_dict.items():
-        if key.startswith('head.'):
-            continue
-        if key.startswith('norm.'):
-            if not v1:
-                continue
-            key = 'norm3.' + key[len('norm.'):]
-        for pattern, replacement in _RENAMES:
-            key = pattern.sub(replacement, key)
-        converted[key] = value
+        new_key = _authors_key(key, v1)
+        if new_key is not None:
+            converted[new_key] = value
     return converted
 
 
@@ -110,12 +147,32 @@ def suggest_arch(state_dict: Mapping) -> str:
             f'depths={found["depths"]}, which is no preset: pass them in an arch dict')
 
 
+def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
+    """The values as tensors (numpy arrays, as detectron2's ``.pkl`` files hold, are
+    converted); anything else is an error naming the keys."""
+    tensors, others = {}, []
+    for key, value in state_dict.items():
+        if isinstance(value, np.ndarray) and value.dtype.kind in 'biufc':
+            # np.ascontiguousarray would turn a 0-d array (num_batches_tracked) into 1-d
+            value = torch.from_numpy(value if value.flags.c_contiguous else value.copy())
+        if isinstance(value, torch.Tensor):
+            tensors[key] = value
+        else:
+            others.append(f'{key} ({type(value).__name__})')
+    if others:
+        shown = ', '.join(others[:8]) + (f', ... ({len(others)} in all)' if len(others) > 8 else '')
+        raise RuntimeError(f'{source}: values that are not tensors: {shown}; a state dict '
+                           f'maps parameter names to tensors (or numpy arrays)')
+    return tensors
+
+
 def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str = 'checkpoint'):
     """Load converted weights, refusing anything but fresh output norms to differ.
 
     Raises:
         RuntimeError: naming every missing, unexpected or mis-shaped key, with the
-            variant the weights would fit.
+            variant the weights would fit; or naming values that are not tensors; or
+            saying that the weights are of no ResT/ResTV2 at all.
     """
     own = model.state_dict()
     fresh = {i for i in getattr(model, 'fresh_norm_indices', ())}
@@ -124,8 +181,12 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
         match = _OUTPUT_NORM.match(key)
         return bool(match) and int(match[1]) in allowed
 
-    if not state_dict:
-        raise RuntimeError(f'{source} holds no ResT/ResTV2 backbone weights')
+    state_dict = as_tensors(state_dict, source)
+    if not any(_REST_ATTENTION_KEY.match(k) for k in state_dict):
+        first = ', '.join(list(state_dict)[:5]) or 'none'
+        raise RuntimeError(f'{source} holds no ResT/ResTV2 backbone weights (no '
+                           f'stages.N.blocks.M.attn.q/kv weights after conversion; first '
+                           f'keys: {first}): pass a ResT/ResTV2 checkpoint')
     missing = [k for k in own if k not in state_dict and not is_output_norm(k, fresh)]
     unexpected = [k for k in state_dict if k not in own and not is_output_norm(k, range(4))]
     mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}'
@@ -149,17 +210,45 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
               logger='current')
 
 
-def read_checkpoint(path: str, map_location: Optional[str] = 'cpu') -> Mapping:
-    """Read a checkpoint file (or URL) with a clear error for a missing or corrupt one.
+def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
+                    mmap: bool = False) -> Mapping:
+    """Read a checkpoint file (or URL), verified, with a clear error for a bad one.
 
-    Loading stays ``weights_only``; the types that mmengine's training checkpoints pickle
-    are allow-listed, so a detector or segmentor trained with this repo reads too.
+    A local file is read by :func:`rest_mm.checkpoint_files.read_local_checkpoint`: a
+    torch zip file's CRC-32s are all checked before it is unpickled (damaged bytes are an
+    error, not wrong weights); a legacy (non-zip) torch file and a plain pickle carry no
+    checksum, so damage inside their tensors cannot be detected; a plain pickle (a
+    detectron2 ``.pkl`` model) may hold only numpy arrays and builtin containers, whose
+    values stay numpy arrays. torch files load ``weights_only``, with the types that
+    mmengine's training checkpoints pickle allow-listed, so a detector or segmentor
+    trained with this repo reads too. URLs are fetched and read by mmengine's loader.
+
+    Args:
+        path (str): A file path or URL.
+        map_location (str, optional): Where tensors go. Defaults to ``'cpu'``.
+        mmap (bool): Map a zip file's tensor data instead of reading it (for a look at
+            keys and shapes). Defaults to False.
+
+    Raises:
+        FileNotFoundError: No such file, or a directory.
+        RuntimeError: A damaged or unreadable file, or one that holds no dict.
     """
     allow_mmengine_checkpoints()
+    remote = '://' in path
+    if not remote and osp.isdir(path):
+        raise FileNotFoundError(f'checkpoint {path!r} is a directory, not a file; pass the '
+                                f'checkpoint file inside it')
+    if not remote and not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist')
     try:
-        checkpoint = CheckpointLoader.load_checkpoint(path, map_location=map_location)
+        if remote:
+            checkpoint = CheckpointLoader.load_checkpoint(path, map_location=map_location)
+        else:
+            checkpoint = read_local_checkpoint(path, map_location=map_location, mmap=mmap)
     except FileNotFoundError as error:
         raise FileNotFoundError(f'checkpoint {path!r} does not exist') from error
+    except CheckpointFileError:
+        raise
     except Exception as error:  # torch raises several unrelated types for bad files
         raise RuntimeError(f'checkpoint {path!r} could not be read ({type(error).__name__}: '
                            f'{error}); expected a file written by torch.save holding a '
@@ -181,7 +270,7 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
             are found without it.
     """
     try:
-        checkpoint = _unwrap(read_checkpoint(path))
+        checkpoint = unwrap_checkpoint(read_checkpoint(path))
     except FileNotFoundError as error:
         raise FileNotFoundError(
             f"{error}: put the authors' ImageNet weights (or a converted file) there, point "
@@ -192,3 +281,67 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
         if not checkpoint:
             raise RuntimeError(f'checkpoint {path!r} has no key starting with {prefix!r}')
     load_converted_state_dict(model, convert_checkpoint(checkpoint), source=path)
+
+
+def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
+                     allow_missing: Sequence[str] = ()) -> None:
+    """Refuse whole-model weights that would leave part of ``model`` as initialised.
+
+    mmengine's Runner and the mmdet/mmseg inferencers load non-strictly and only log what
+    did not fit, so a checkpoint of another model (or a backbone-only file) would run,
+    and report metrics, with part of the model random. ``tools/test.py``,
+    ``tools/train.py`` (``load_from``, ``--resume``), ``tools/demo.py`` and
+    ``tools/export_onnx.py`` call this first.
+
+    Args:
+        model (nn.Module): The detector or segmentor (a DDP wrapper is looked through).
+        checkpoint (Mapping): The loaded file: ``{'state_dict': ...}`` as the Runner
+            writes it, or a bare state dict. A leading ``module.`` is ignored, as the
+            Runner ignores it.
+        source (str): The file's name, for the message.
+        allow_missing (Sequence[str]): Partial loading, asked for by name: model keys
+            under these prefixes may be absent or mis-shaped (they keep their
+            initialisation) and checkpoint keys under them may be left over. Defaults to
+            none.
+
+    Raises:
+        RuntimeError: Naming the missing, unexpected and mis-shaped keys (and values that
+            are not tensors), with a hint when the file is of another kind.
+    """
+    from mmengine.model import is_model_wrapper
+    if is_model_wrapper(model):
+        model = model.module
+    state_dict = checkpoint.get('state_dict', checkpoint)
+    state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v
+                  for k, v in state_dict.items()}
+    allowed = tuple(allow_missing)
+    own = model.state_dict()
+    not_tensors = [f'{k} ({type(v).__name__})' for k, v in state_dict.items()
+                   if not isinstance(v, torch.Tensor) and not k.startswith(allowed)]
+    missing = [k for k in own if k not in state_dict and not k.startswith(allowed)]
+    unexpected = [k for k in state_dict if k not in own and not k.startswith(allowed)]
+    mismatched = [f'{k} (checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)})'
+                  for k in own if k in state_dict and not k.startswith(allowed)
+                  and isinstance(state_dict[k], torch.Tensor)
+                  and state_dict[k].shape != own[k].shape]
+    if not (not_tensors or missing or unexpected or mismatched):
+        return
+    if any(k.startswith('backbone.bottom_up.') for k in state_dict):
+        raise RuntimeError(
+            f'{source} is a detectron2 model (keys under backbone.bottom_up.), not an '
+            f'mmdet one: convert it first with `python tools/convert_weights.py {source} '
+            f'OUT.pth` and pass OUT.pth')
+    if not any(k.startswith('backbone.') for k in state_dict):
+        raise RuntimeError(
+            f'{source} holds no detector/segmentor weights (no "backbone." keys): it looks '
+            f'like a backbone or ImageNet checkpoint. A checkpoint trained with the config is '
+            f'needed; to start training from backbone weights, set '
+            f"model.backbone.init_cfg=dict(type='Pretrained', checkpoint='{source}').")
+    details = []
+    for title, keys in (('missing', missing), ('unexpected', unexpected),
+                        ('mis-shaped', mismatched), ('not tensors', not_tensors)):
+        if keys:
+            shown = ', '.join(keys[:4]) + (', ...' if len(keys) > 4 else '')
+            details.append(f'{len(keys)} {title} ({shown})')
+    raise RuntimeError(f'{source} does not fit the {type(model).__name__} built from the '
+                       f'config: {"; ".join(details)}. Was it trained with this config?')

@@ -179,7 +179,9 @@ def _mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
         logits = torch.matmul(q_rows, keys_t)
         probs = torch.bmm(batch_mix, logits.flatten(2)).view_as(logits).softmax(dim=-1)
         centered = probs - 1. / num_keys
-        sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=(-2, -1)).square()
+        # a norm per row, then a sum over rows: one float32 accumulation over a whole
+        # block (millions of elements) loses ~1e-4 of the variance, and the norm divides by it
+        sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=-1).square().sum(dim=-1)
         keep = None
         if drop > 0:
             # dropout of the normalised map: the per-head scale commutes with it
@@ -302,7 +304,7 @@ class EMSA(ReducedKVAttention):
         B, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
         tracing = _is_tracing()  # a traced graph would freeze the block size to this input's
-        rows = N if tracing else max(1, self.map_block_elements // (B * n * k.shape[2]))
+        rows = N if tracing else max(1, self.map_block_elements // max(1, B * n * k.shape[2]))
         drop = self.attn_drop if self.training else 0.
         needs_grad = any(t.requires_grad for t in (q, k, v, mix))
         if torch.is_grad_enabled() and needs_grad and not tracing:
@@ -460,8 +462,13 @@ class Stage(nn.Module):
 ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'sr_ratios', 'mlp_ratio')
 
 
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _resolve_arch(arch: Union[str, dict], zoo: Dict[str, dict], model: str) -> dict:
-    """A preset by name, or a user dict validated to have exactly the preset keys."""
+    """A preset by name, or a user dict validated to have exactly the preset keys and
+    values that build a model (positive whole numbers, heads that divide the widths)."""
     if isinstance(arch, str):
         if arch.lower() not in zoo:
             raise KeyError(f'{model}: unknown arch {arch!r}; choose one of '
@@ -476,12 +483,42 @@ def _resolve_arch(arch: Union[str, dict], zoo: Dict[str, dict], model: str) -> d
                        f'{unknown}; the keys are {list(ARCH_KEYS)}')
     arch = copy.deepcopy(arch)
     for key in ('embed_dims', 'depths', 'num_heads', 'sr_ratios'):
-        if len(arch[key]) != 4:
-            raise ValueError(f'{model}: arch[{key!r}] needs one value per stage (4), got {arch[key]}')
+        values = arch[key]
+        if not isinstance(values, (list, tuple)) or len(values) != 4:
+            raise ValueError(f'{model}: arch[{key!r}] needs one value per stage (4), got {values}')
+        if not all(_is_int(v) and v >= 1 for v in values):
+            raise ValueError(f'{model}: arch[{key!r}] must be 4 whole numbers >= 1, got {values}')
+    mlp_ratio = arch['mlp_ratio']
+    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or \
+            not int(arch['embed_dims'][0] * mlp_ratio) >= 1 or not math.isfinite(mlp_ratio):
+        raise ValueError(f'{model}: arch[\'mlp_ratio\'] must be a positive number (hidden width '
+                         f'= embed dim x mlp_ratio >= 1), got {mlp_ratio!r}')
     for dim, heads in zip(arch['embed_dims'], arch['num_heads']):
         if dim % heads:
             raise ValueError(f'{model}: embed dim {dim} is not divisible by {heads} heads')
     return arch
+
+
+def _check_rate(name: str, value: float, model: str):
+    """Dropout and stochastic-depth rates are probabilities of dropping, below 1: at 1 every
+    element is dropped and the rescaling by ``1 / (1 - p)`` divides by zero."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+        raise ValueError(f'{model}: {name} must be a number in [0, 1), got {value!r}')
+
+
+def _pretrained_cfg(init_cfg, model: str) -> Optional[dict]:
+    """The ``Pretrained`` entry of ``init_cfg`` (a dict or a list of dicts, as mmengine
+    accepts), checked to name a checkpoint; None when there is none."""
+    entries = init_cfg if isinstance(init_cfg, (list, tuple)) else [init_cfg]
+    pretrained = [e for e in entries if isinstance(e, dict) and e.get('type') == 'Pretrained']
+    if len(pretrained) > 1:
+        raise ValueError(f'{model}: init_cfg has {len(pretrained)} Pretrained entries; give one')
+    if not pretrained:
+        return None
+    if not pretrained[0].get('checkpoint'):
+        raise ValueError(f"{model}: init_cfg {pretrained[0]} has no 'checkpoint'; use "
+                         f"dict(type='Pretrained', checkpoint=PATH)")
+    return pretrained[0]
 
 
 def _resolve_out_indices(out_indices: Union[int, Sequence[int]], model: str) -> Tuple[int, ...]:
@@ -506,20 +543,26 @@ class _ResTBase(BaseModule):
 
     arch_zoo: Dict[str, dict] = {}
     norm_eps: float = 1e-5
+    norm_in_path: bool = False
 
-    def __init__(self, arch, in_channels, out_indices, drop_path_rate, frozen_stages,
-                 norm_eval, with_cp, init_cfg):
+    def __init__(self, *, arch, in_channels, out_indices, drop_rate, attn_drop_rate,
+                 drop_path_rate, frozen_stages, norm_eval, with_cp, init_cfg):
         super().__init__(init_cfg=init_cfg)
         name = type(self).__name__
         self.arch = _resolve_arch(arch, self.arch_zoo, name)
         self.embed_dims = tuple(self.arch['embed_dims'])
-        self.num_stages = 4
         self.out_indices = _resolve_out_indices(out_indices, name)
-        if not -1 <= frozen_stages <= 4:
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
             raise ValueError(f'{name}: frozen_stages must be in -1..4, got {frozen_stages}')
-        if in_channels < 1:
+        if not _is_int(in_channels) or in_channels < 1:
             raise ValueError(f'{name}: in_channels must be positive, got {in_channels}')
+        for rate_name, rate in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
+                                ('drop_path_rate', drop_path_rate)):
+            _check_rate(rate_name, rate, name)
+        self.pretrained_cfg = _pretrained_cfg(init_cfg, name)
         self.in_channels = in_channels
+        self.drop_rate = drop_rate
+        self.attn_drop_rate = attn_drop_rate
         self.drop_path_rate = drop_path_rate
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
@@ -559,8 +602,9 @@ class _ResTBase(BaseModule):
         return self
 
     def init_weights(self):
-        if self.init_cfg is not None and self.init_cfg.get('type') == 'Pretrained':
-            load_pretrained(self, self.init_cfg['checkpoint'], self.init_cfg.get('prefix'))
+        if self.pretrained_cfg is not None:
+            load_pretrained(self, self.pretrained_cfg['checkpoint'],
+                            self.pretrained_cfg.get('prefix'))
             self._is_init = True
             return
         if self.init_cfg is None:
@@ -598,6 +642,8 @@ class _ResTBase(BaseModule):
             x = stage(x)
             if i in self.out_indices:
                 out = getattr(self, f'norm{i}')(x)
+                if self.norm_in_path:
+                    x = out
                 outs.append(_to_nchw(out).contiguous())
         return tuple(outs)
 
@@ -608,7 +654,9 @@ class ResT(_ResTBase):
 
     Output norms follow the authors' detection release: a fresh LayerNorm on output
     stages 1–3, and on stage 4 the ImageNet model's final ``norm`` (loaded from the
-    checkpoint as ``norm3``).
+    checkpoint as ``norm3``). In the authors' detectron2 backbone these norms sit in the
+    main path (the next stage consumes the normalised map); ``norm_in_path=True`` builds
+    that model, which their published detection results and released detectors need.
 
     Args:
         arch (str | dict): ``'lite'``, ``'small'``, ``'base'``, ``'large'`` or a dict with
@@ -621,9 +669,14 @@ class ResT(_ResTBase):
         apply_transform (bool): Mix attention logits across heads and
             instance-normalise the attention map (stages with more than one head).
             Defaults to True.
-        drop_rate (float): Dropout after MLP layers and projections. Defaults to 0.
-        attn_drop_rate (float): Dropout on the attention map. Defaults to 0.
-        drop_path_rate (float): Stochastic depth, linear over blocks. Defaults to 0.
+        norm_in_path (bool): Whether each output stage's LayerNorm is applied to the map
+            the next stage consumes (the authors' detectron2 backbone) rather than to a
+            side branch that only feeds the output. Defaults to False.
+        drop_rate (float): Dropout after MLP layers and projections, in [0, 1).
+            Defaults to 0.
+        attn_drop_rate (float): Dropout on the attention map, in [0, 1). Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear over blocks, in [0, 1).
+            Defaults to 0.
         frozen_stages (int): -1 freezes nothing, 0 the stem, ``N`` also stages
             ``1..N`` with their patch embeddings and output norms. Defaults to -1.
         norm_eval (bool): Keep BatchNorm layers in eval mode while training.
@@ -652,6 +705,7 @@ class ResT(_ResTBase):
                  out_indices: Union[int, Sequence[int]] = (0, 1, 2, 3),
                  qkv_bias: bool = True,
                  apply_transform: bool = True,
+                 norm_in_path: bool = False,
                  drop_rate: float = 0.,
                  attn_drop_rate: float = 0.,
                  drop_path_rate: float = 0.,
@@ -659,8 +713,11 @@ class ResT(_ResTBase):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None):
-        super().__init__(arch, in_channels, out_indices, drop_path_rate, frozen_stages,
-                         norm_eval, with_cp, init_cfg)
+        super().__init__(arch=arch, in_channels=in_channels, out_indices=out_indices,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
+                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
+        self.norm_in_path = norm_in_path
         dims, a = self.embed_dims, self.arch
         self.stem = ResTStem(in_channels, dims[0])
         self.stages = nn.ModuleList()
@@ -692,9 +749,11 @@ class ResTV2(_ResTBase):
         out_indices (Sequence[int] | int): Stages to output, negative allowed.
             Defaults to ``(0, 1, 2, 3)``.
         qkv_bias (bool): Bias in the q and kv projections. Defaults to True.
-        drop_rate (float): Dropout after MLP layers and projections. Defaults to 0.
-        attn_drop_rate (float): Dropout on the attention map. Defaults to 0.
-        drop_path_rate (float): Stochastic depth, linear over blocks. Defaults to 0.
+        drop_rate (float): Dropout after MLP layers and projections, in [0, 1).
+            Defaults to 0.
+        attn_drop_rate (float): Dropout on the attention map, in [0, 1). Defaults to 0.
+        drop_path_rate (float): Stochastic depth, linear over blocks, in [0, 1).
+            Defaults to 0.
         frozen_stages (int): -1 freezes nothing, 0 the stem, ``N`` also stages
             ``1..N`` with their patch embeddings and output norms. Defaults to -1.
         norm_eval (bool): Keep the stem's BatchNorm layers in eval mode while
@@ -729,8 +788,10 @@ class ResTV2(_ResTBase):
                  norm_eval: bool = False,
                  with_cp: bool = False,
                  init_cfg: Optional[dict] = None):
-        super().__init__(arch, in_channels, out_indices, drop_path_rate, frozen_stages,
-                         norm_eval, with_cp, init_cfg)
+        super().__init__(arch=arch, in_channels=in_channels, out_indices=out_indices,
+                         drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
+                         drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
+                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
         dims, a = self.embed_dims, self.arch
         self.stem = ResTV2Stem(in_channels, dims[0], self.norm_eps)
         self.stages = nn.ModuleList()

@@ -31,16 +31,24 @@ as we could:
   :class:`RankZeroLoggerHook`, which writes it from rank 0 only.
 
 It also checks, before anything is built, that the datasets and checkpoints a run needs
-exist, so a wrong path fails with a message that names it and says how to get the data.
+exist, so a wrong path fails with a message that names it and says how to get the data;
+that no tool writes over what it reads (:func:`refuse_output_over_inputs`, one rule for
+every tool); and it removes what a run that fails before it starts left in the work dir
+(:func:`removed_if_start_fails`).
 """
+import fnmatch
+import os
 import os.path as osp
+import re
+import shutil
 from contextlib import contextmanager
-from typing import Iterable, Iterator, List, Optional
+from pathlib import Path
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
 
 import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.dist import is_main_process
-from mmengine.hooks import LoggerHook
+from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import HistoryBuffer, print_log
 from mmengine.registry import HOOKS
 
@@ -270,9 +278,11 @@ def check_checkpoint(path: Optional[str], what: str = 'checkpoint') -> None:
     """Raise ``FileNotFoundError`` if a local checkpoint path does not exist."""
     if path is None or '://' in path:
         return
+    if osp.isdir(path):
+        raise FileNotFoundError(f'{what} {path!r} is a directory, not a file; pass the .pth '
+                                f'file inside it (written by tools/train.py)')
     if not osp.isfile(path):
-        hint = (' (it is a directory; pass the .pth file inside it)' if osp.isdir(path) else '')
-        raise FileNotFoundError(f'{what} {path!r} does not exist{hint}; pass the path of a '
+        raise FileNotFoundError(f'{what} {path!r} does not exist; pass the path of a '
                                 f'.pth file written by tools/train.py')
 
 
@@ -284,3 +294,146 @@ def check_scope(cfg: Config, config_path: str) -> str:
                          f"and mmseg configs, which set default_scope='mmdet' or 'mmseg' "
                          f"(inherit from an mmdet::/mmseg:: base config)")
     return scope
+
+
+# ---------------------------------------------------------------------------------------
+# Nothing an output is written to may be an input.
+# ---------------------------------------------------------------------------------------
+def _resolved(path: str) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+def _same(a: Path, b: Path) -> bool:
+    if a == b:
+        return True
+    try:  # two names for one file (a hard link, or a case-insensitive file system)
+        return a.exists() and b.exists() and os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def refuse_output_over_inputs(output: Optional[str], inputs: Mapping[str, Optional[str]],
+                              option: str, written: Sequence[str] = ()) -> None:
+    """Raise ``ValueError`` when writing ``output`` could overwrite or mix with an input.
+
+    Refused: the output is an input (after resolving ``..`` and symbolic links, or the
+    same file under another name); the output lies inside an input folder (what the tool
+    writes would be mixed with, and later read as, what it reads); a file the tool writes
+    in an output folder (``written``) would be an input file.
+
+    Args:
+        output (str, optional): The file or folder the tool writes; None: nothing.
+        inputs (Mapping[str, str]): What the tool reads, as ``{description: path}``,
+            files or folders. None and URLs are skipped.
+        option (str): How the user named the output (e.g. ``'--out-dir'``), for the
+            message.
+        written (Sequence[str]): For a folder output, glob patterns of the names of the
+            files the tool writes directly in it (e.g. ``'epoch_*.pth'``). Defaults to
+            none.
+    """
+    if output is None:
+        return
+    target = _resolved(output)
+    for what, path in inputs.items():
+        if path is None or '://' in str(path):
+            continue
+        source = _resolved(str(path))
+        problem = None
+        if _same(target, source):
+            problem = 'is'
+        elif source.is_dir() and source in target.parents:
+            problem = 'is inside'
+        elif source.parent == target and any(fnmatch.fnmatchcase(source.name, pattern)
+                                             for pattern in written):
+            problem = f'would write {source.name} into the folder of'
+        if problem:
+            raise ValueError(f'{option} {output}: the output {problem} the {what} ({path}), '
+                             f'which would be overwritten or mixed with what is written; '
+                             f'choose an output outside the inputs')
+
+
+def dataset_inputs(cfg: Config, dataloaders: Iterable[str]) -> Dict[str, str]:
+    """The annotation files and image folders of the configs' datasets, as inputs for
+    :func:`refuse_output_over_inputs`."""
+    inputs = {}
+    for key in dataloaders:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        for dataset in _dataset_configs(loader.get('dataset')):
+            for path in _dataset_paths(dataset):
+                inputs[f'{key} data {path}'] = path
+    return inputs
+
+
+# mmengine's Runner names each run's log folder by its start time.
+_RUN_FOLDER = re.compile(r'^\d{8}_\d{6}$')
+
+
+class RunStartedHook(Hook):
+    """Notes that a run got past its start (checkpoint loaded, first loop entered)."""
+    priority = 'HIGHEST'
+
+    def __init__(self):
+        self.started = False
+
+    def before_train(self, runner) -> None:
+        self.started = True
+
+    def before_val(self, runner) -> None:
+        self.started = True
+
+    def before_test(self, runner) -> None:
+        self.started = True
+
+
+@contextmanager
+def removed_if_start_fails(work_dir: str, config_name: str) -> Iterator[RunStartedHook]:
+    """Remove what a run that fails before it starts leaves in its work dir.
+
+    mmengine's Runner creates the work dir, a timestamped log folder in it and a copy of
+    the config when it is built, before the model's checkpoint is loaded; a run refused
+    then (a checkpoint that does not fit, a model that cannot be built) would leave them
+    behind, one more folder per attempt. Register the yielded hook on the Runner; if the
+    block raises before the hook saw a loop start, the log folders and config copy that
+    appeared during the block are removed, and the work dir too if it was created and is
+    left empty. A run that started keeps everything.
+
+    Args:
+        work_dir (str): The run's work dir.
+        config_name (str): The file name the Runner copies the config to.
+    """
+    before = set(os.listdir(work_dir)) if osp.isdir(work_dir) else None
+    hook = RunStartedHook()
+    try:
+        yield hook
+    except BaseException:
+        if not hook.started and is_main_process() and osp.isdir(work_dir):
+            for name in set(os.listdir(work_dir)) - (before or set()):
+                path = osp.join(work_dir, name)
+                if _RUN_FOLDER.match(name) and osp.isdir(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                elif name == config_name and osp.isfile(path):
+                    os.remove(path)
+            if before is None and not os.listdir(work_dir):
+                os.rmdir(work_dir)
+        raise
+
+
+def check_resumable(checkpoint: Mapping, path: str) -> None:
+    """Raise ``ValueError`` unless ``checkpoint`` is a training checkpoint that mmengine's
+    Runner can resume (it reads these entries without checking for them)."""
+    meta = checkpoint.get('meta')
+    missing = [name for name, present in (
+        ('meta.epoch', isinstance(meta, Mapping) and 'epoch' in meta),
+        ('meta.iter', isinstance(meta, Mapping) and 'iter' in meta),
+        ('state_dict', 'state_dict' in checkpoint),
+        ('message_hub', 'message_hub' in checkpoint),
+        ('optimizer', 'optimizer' in checkpoint)) if not present]
+    if missing:
+        raise ValueError(
+            f'--resume {path}: not a training checkpoint written by tools/train.py (it has no '
+            f'{", ".join(missing)}; its entries: {", ".join(map(str, list(checkpoint)[:6]))}). '
+            f'To start a new training from its weights, pass them as --cfg-options '
+            f'load_from={path} (a whole detector/segmentor) or '
+            f'model.backbone.init_cfg.checkpoint={path} (backbone weights)')

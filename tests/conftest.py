@@ -1,5 +1,6 @@
 """Shared fixtures. Helpers live here (not in an importable ``tests`` package: the
 mmsegmentation wheel installs a top-level ``tests`` package of its own)."""
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -38,3 +39,30 @@ def load_tool():
         spec.loader.exec_module(module)
         return module
     return load
+
+
+# Two float32 runs of one function by different kernels (another CPU, the machine that
+# wrote the reference data, another op order) each lie within about this machine's float32
+# error e32 of the exact (float64) result, so they differ by at most about 2 * e32. The
+# factor 4 on each side leaves room for kernels that round worse than this machine's; the
+# ULP term bounds outputs whose measured e32 happens to be near zero.
+FLOAT32_RUNS_SLACK = 8
+FLOAT32_ULPS = 16
+
+
+@pytest.fixture(scope='session')
+def float32_tolerance():
+    """``float32_tolerance(model, x)``: per output of ``model(x)``, the largest difference
+    from another float32 implementation of the same function that is rounding alone:
+    ``FLOAT32_RUNS_SLACK * e32 + FLOAT32_ULPS * eps32 * max|output|``, where ``e32`` is how
+    far this machine's float32 output is from its float64 one, measured on ``x``. A
+    tolerance derived from the arithmetic of the input at hand, not printed by one machine.
+    """
+    def tolerance(model: torch.nn.Module, x: torch.Tensor) -> list:
+        exact_model = copy.deepcopy(model).double()
+        with torch.no_grad():
+            single, double = model(x), exact_model(x.double())
+        eps = torch.finfo(torch.float32).eps
+        return [FLOAT32_RUNS_SLACK * (s.double() - d).abs().max().item()
+                + FLOAT32_ULPS * eps * d.abs().max().item() for s, d in zip(single, double)]
+    return tolerance

@@ -126,11 +126,60 @@ def test_drop_path_is_active_only_in_training():
     (dict(out_indices=(0, 4)), 'out_indices'),
     (dict(out_indices=(1, -3)), 'names a stage twice'),
     (dict(frozen_stages=5), 'frozen_stages'),
+    (dict(arch=dict(ResT.arch_zoo['lite'], depths=(-1, 1, 1, 1))), "arch['depths'] must be"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], depths=(2, 0, 2, 2))), "arch['depths'] must be"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], depths=(2, 2.5, 2, 2))), "arch['depths'] must be"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], num_heads=(0, 2, 4, 8))), "arch['num_heads'] must"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], sr_ratios=(8, 4, 2, 0))), "arch['sr_ratios'] must"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], sr_ratios=(8, 4, -1, 1))), "arch['sr_ratios'] must"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], mlp_ratio=0)), "arch['mlp_ratio'] must be"),
+    (dict(arch=dict(ResT.arch_zoo['lite'], mlp_ratio=-2.)), "arch['mlp_ratio'] must be"),
+    (dict(attn_drop_rate=1.0), 'attn_drop_rate must be a number in [0, 1)'),
+    (dict(drop_rate=-0.1), 'drop_rate must be a number in [0, 1)'),
+    (dict(drop_path_rate=1.0), 'drop_path_rate must be a number in [0, 1)'),
+    (dict(init_cfg=dict(type='Pretrained')), "has no 'checkpoint'"),
+    (dict(init_cfg=[dict(type='Pretrained'), dict(type='Constant', val=1, layer='Linear')]),
+     "has no 'checkpoint'"),
 ])
 def test_bad_arguments_are_refused_clearly(kwargs, message):
     with pytest.raises((KeyError, ValueError, TypeError)) as info:
         ResT(**kwargs)
     assert message in str(info.value)
+
+
+def test_init_cfg_may_be_a_list_with_a_pretrained_entry(tmp_path):
+    source = ResT(arch='lite')
+    path = tmp_path / 'lite.pth'
+    torch.save({'state_dict': source.state_dict()}, path)
+    model = ResT(arch='lite', init_cfg=[dict(type='Pretrained', checkpoint=str(path))])
+    model.init_weights()
+    for key, value in source.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+
+
+@pytest.mark.parametrize('cls', [ResT, ResTV2])
+def test_empty_batch_gives_empty_maps(cls):
+    model = cls().eval()
+    with torch.no_grad():
+        outputs = model(torch.randn(0, 3, 64, 96))
+    assert [tuple(o.shape) for o in outputs] == [
+        (0, model.embed_dims[i], 64 // s, 96 // s) for i, s in enumerate(STRIDES)]
+
+
+def test_norm_in_path_feeds_the_normalised_map_on():
+    """With ``norm_in_path`` stage i+1 consumes what stage i outputs; without it, the
+    un-normalised map (the output norms then are side branches)."""
+    x = torch.randn(1, 3, 64, 96, dtype=torch.float64)
+    model = ResT(arch='lite', norm_in_path=True).double().eval()
+    with torch.no_grad():
+        outputs = model(x)
+        stage2 = model.stages[1](outputs[0].permute(0, 2, 3, 1))
+        torch.testing.assert_close(outputs[1], model.norm1(stage2).permute(0, 3, 1, 2))
+        side = ResT(arch='lite').double().eval()
+        side.load_state_dict(model.state_dict())
+        side_outputs = side(x)
+    torch.testing.assert_close(side_outputs[0], outputs[0])
+    assert not torch.allclose(side_outputs[1], outputs[1], atol=1e-3)
 
 
 @pytest.mark.parametrize('x, message', [

@@ -1,11 +1,15 @@
 """The converter maps every released checkpoint key and loading is strict."""
 import json
+import pickle
+import signal
+from collections import OrderedDict
 
+import numpy as np
 import pytest
 import torch
 
 from rest_mm import ResT, ResTV2, convert_checkpoint, load_pretrained
-from rest_mm.checkpoint import load_converted_state_dict
+from rest_mm.checkpoint import check_model_fits, load_converted_state_dict, read_checkpoint
 
 RELEASES = {
     'rest_lite': (ResT, 'lite'), 'rest_small': (ResT, 'small'),
@@ -153,3 +157,173 @@ def test_backbone_loads_from_a_trained_detector_checkpoint(tmp_path, reference_d
     model = ResT(arch=reference_arch)
     load_pretrained(model, str(path))
     torch.testing.assert_close(model.norm3.weight, ours['norm3.weight'])
+
+
+# ---------------------------------------------------------------------------------------
+# Reading files: integrity, safe pickles, clear errors (issue 10).
+# ---------------------------------------------------------------------------------------
+def _reference_v2(reference_dir):
+    return torch.load(reference_dir / 'rest_v2_tiny.pt', weights_only=True)['state_dict']
+
+
+def test_damaged_zip_checkpoint_is_refused(tmp_path, reference_dir, reference_arch):
+    """Bytes flipped inside a tensor's storage used to load silently (wrong weights);
+    the zip container's CRC-32s catch them before anything is unpickled."""
+    weights = _reference_v2(reference_dir)
+    path = tmp_path / 'flipped.pth'
+    torch.save({'model': weights}, path)
+    data = bytearray(path.read_bytes())
+    storage = weights['stem.proj.0.weight'].numpy().tobytes()
+    at = bytes(data).find(storage)
+    assert at > 0
+    data[at + 7] ^= 0x40  # an exponent bit: one weight off by a factor of 2**64
+    path.write_bytes(bytes(data))
+    with pytest.raises(RuntimeError, match=r'is damaged: the CRC-32 of its entry .*data/'):
+        read_checkpoint(str(path))
+    with pytest.raises(RuntimeError, match='is damaged'):
+        load_pretrained(ResTV2(arch=reference_arch), str(path))
+
+    truncated = tmp_path / 'truncated.pth'
+    truncated.write_bytes(bytes(data[:len(data) // 2]))
+    with pytest.raises(RuntimeError, match='is damaged: its zip container cannot be read'):
+        read_checkpoint(str(truncated))
+
+
+def test_legacy_torch_format_still_reads(tmp_path, reference_dir, reference_arch):
+    """torch's pre-1.6 format has no checksums (documented); it is read as before."""
+    weights = _reference_v2(reference_dir)
+    path = tmp_path / 'legacy.pth'
+    torch.save({'model': weights}, path, _use_new_zipfile_serialization=False)
+    model = ResTV2(arch=reference_arch)
+    load_pretrained(model, str(path))
+    torch.testing.assert_close(model.stem.norm.weight, weights['stem.norm.weight'])
+
+
+@pytest.mark.parametrize('protocol', [2, 4])
+def test_detectron2_pickle_reads_numpy_only(tmp_path, reference_dir, reference_arch, protocol):
+    """detectron2's .pkl models (numpy arrays under 'model') are read, with numpy values,
+    and load into the backbone; a pickle naming any other global is refused unrun."""
+    weights = _reference_v2(reference_dir)
+    path = tmp_path / 'model_final.pkl'
+    with open(path, 'wb') as file:
+        pickle.dump({'model': OrderedDict((f'backbone.bottom_up.{k}', v.numpy())
+                                          for k, v in weights.items()),
+                     '__author__': 'detectron2', 'matching_heuristics': True}, file,
+                    protocol=protocol)
+    loaded = read_checkpoint(str(path))
+    value = loaded['model']['backbone.bottom_up.stem.norm.weight']
+    assert isinstance(value, np.ndarray) and np.array_equal(value, weights['stem.norm.weight'])
+    model = ResTV2(arch=reference_arch)
+    load_pretrained(model, str(path))
+    torch.testing.assert_close(model.stem.norm.weight, weights['stem.norm.weight'])
+
+    marker = tmp_path / 'ran'
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), 'w')
+
+    evil = tmp_path / 'evil.pkl'
+    with open(evil, 'wb') as file:
+        pickle.dump({'model': {'x': np.zeros(2)}, 'payload': Payload()}, file,
+                    protocol=protocol)
+    with pytest.raises(RuntimeError, match=r'refused: .*asks for (builtins|io)\.open'):
+        read_checkpoint(str(evil))
+    assert not marker.exists()
+
+
+def test_unreadable_paths_are_clear_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match='is a directory, not a file'):
+        read_checkpoint(str(tmp_path))
+    text = tmp_path / 'notes.txt'
+    text.write_text('these are my notes, not weights\n')
+    with pytest.raises(RuntimeError, match='neither a torch checkpoint nor a pickle'):
+        read_checkpoint(str(text))
+
+
+def test_self_containing_checkpoint_is_an_error_not_a_hang(tmp_path, reference_arch):
+    checkpoint = {'epoch': 3}
+    checkpoint['model'] = checkpoint
+    looped = {'state_dict': {}}
+    looped['state_dict']['model'] = looped
+    previous = signal.signal(signal.SIGALRM, _timed_out)
+    signal.alarm(20)
+    try:
+        for cycle in (checkpoint, looped):
+            with pytest.raises(ValueError, match='a cycle'):
+                convert_checkpoint(cycle)
+        path = tmp_path / 'cycle.pth'
+        torch.save(checkpoint, path)
+        with pytest.raises(ValueError, match='a cycle'):
+            load_pretrained(ResTV2(arch=reference_arch), str(path))
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def _timed_out(signum, frame):
+    raise TimeoutError('unwrapping the checkpoint did not end')
+
+
+def test_values_that_are_not_tensors_are_clear_errors(released_keys):
+    weights = convert_checkpoint(_meta_state_dict(released_keys['rest_lite']))
+    weights['stages.0.blocks.0.attn.q.weight'] = 'not a tensor'
+    with pytest.raises(RuntimeError, match=r'not tensors: stages\.0\.blocks\.0\.attn\.q\.weight '
+                                           r'\(str\)'):
+        load_converted_state_dict(_meta_model(ResT, 'lite'), weights)
+
+
+def test_weights_of_another_model_are_named_as_such():
+    """A ResNet's weights used to get the hint "these weights fit ResTV2 with
+    embed_dims=(None, None, None, None)"."""
+    resnet = {'conv1.weight': torch.zeros(64, 3, 7, 7), 'bn1.weight': torch.zeros(64),
+              'layer1.0.conv1.weight': torch.zeros(64, 64, 1, 1),
+              'fc.weight': torch.zeros(10, 2048)}
+    with pytest.raises(RuntimeError, match='holds no ResT/ResTV2 backbone weights') as info:
+        load_converted_state_dict(ResT(arch='lite'), convert_checkpoint({'state_dict': resnet}),
+                                  source='resnet50.pth')
+    assert 'None' not in str(info.value) and 'conv1.weight' in str(info.value)
+
+
+# ---------------------------------------------------------------------------------------
+# Whole models (tools/test.py, train.py, demo.py, export_onnx.py): one strict check.
+# ---------------------------------------------------------------------------------------
+def _toy_detector():
+    detector = torch.nn.Module()
+    detector.backbone = torch.nn.Linear(2, 2)
+    detector.neck = torch.nn.Linear(2, 3)
+    detector.head = torch.nn.Linear(3, 4)
+    return detector
+
+
+def test_whole_model_check_refuses_anything_partial():
+    detector = _toy_detector()
+    own = detector.state_dict()
+    check_model_fits(detector, {'state_dict': own, 'meta': {}}, 'ok.pth')
+    check_model_fits(detector, {f'module.{k}': v for k, v in own.items()}, 'ddp.pth')
+
+    backbone_only = {'stem.conv1.weight': torch.zeros(1), 'stages.0.x': torch.zeros(1)}
+    with pytest.raises(RuntimeError, match='looks like a backbone or ImageNet checkpoint'):
+        check_model_fits(detector, {'model': backbone_only}, 'b.pth')
+    detectron2 = {f'backbone.bottom_up.{k}': v for k, v in backbone_only.items()}
+    with pytest.raises(RuntimeError, match='tools/convert_weights.py'):
+        check_model_fits(detector, detectron2, 'model_final.pth')
+    partial = {k: v for k, v in own.items() if not k.startswith('head.')}
+    with pytest.raises(RuntimeError, match=r'2 missing \(head\.weight, head\.bias\)'):
+        check_model_fits(detector, {'state_dict': partial}, 'p.pth')
+    other = dict(own, **{'roi_head.fc.weight': torch.zeros(1)})
+    other['head.weight'] = torch.zeros(5, 3)
+    with pytest.raises(RuntimeError) as info:
+        check_model_fits(detector, {'state_dict': other}, 'other.pth')
+    assert '1 unexpected (roi_head.fc.weight)' in str(info.value)
+    assert '1 mis-shaped (head.weight (checkpoint (5, 3), model (4, 3)))' in str(info.value)
+    broken = dict(own, **{'head.bias': [0.0] * 4})
+    with pytest.raises(RuntimeError, match=r'1 not tensors \(head\.bias \(list\)\)'):
+        check_model_fits(detector, broken, 'broken.pth')
+
+    # Partial loading only by name: the named parts may be missing, left over or mis-shaped.
+    check_model_fits(detector, {'state_dict': partial}, 'p.pth', allow_missing=['head.'])
+    check_model_fits(detector, {'state_dict': other}, 'o.pth',
+                     allow_missing=['head.', 'roi_head.'])
+    with pytest.raises(RuntimeError, match='2 missing'):
+        check_model_fits(detector, {'state_dict': partial}, 'p.pth', allow_missing=['neck.'])

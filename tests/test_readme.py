@@ -21,7 +21,9 @@ def _readme_commands():
         line = line.split('#')[0].strip()
         match = COMMAND.match(line)
         if match:
-            commands.append((match[2], re.findall(r'(?<!\S)(--[a-z][a-z0-9-]*)', match[3])))
+            command = (match[2], re.findall(r'(?<!\S)(--[a-z][a-z0-9-]*)', match[3]))
+            if command not in commands:  # each script and set of options is checked once
+                commands.append(command)
     return commands
 
 

@@ -160,6 +160,11 @@ def test_tools_reject_bad_input(tmp_path, train_tool, test_tool, capsys):
         with pytest.raises(SystemExit):
             train_tool.parse_args([toy, '--amp'])
         assert '--amp needs a CUDA GPU' in capsys.readouterr().err
+        # a config whose recipe is mixed precision: a message, not mmengine's assertion
+        v2_config = str(REPO / 'configs' / 'detection' / 'mask_rcnn_restv2_tiny_3x_coco.py')
+        with pytest.raises(SystemExit, match='optim_wrapper.type=OptimWrapper'):
+            train_tool.build_config(train_tool.parse_args(
+                [v2_config, '--work-dir', str(tmp_path / 'amp')]))
     with pytest.raises(SystemExit):
         train_tool.parse_args([str(tmp_path / 'nope.py')])
     assert 'nope.py' in capsys.readouterr().err
@@ -254,3 +259,151 @@ def test_toy_configs_only_swap_data_and_schedule(name):
     assert toy.optim_wrapper.paramwise_cfg == real.optim_wrapper.paramwise_cfg
     assert toy.optim_wrapper.optimizer.type == real.optim_wrapper.optimizer.type
     assert 'SyncBN' not in toy.pretty_text
+
+
+# ---------------------------------------------------------------------------------------
+# No tool writes over what it reads (issue 10).
+# ---------------------------------------------------------------------------------------
+def test_outputs_may_not_be_or_hold_inputs(tmp_path, monkeypatch):
+    images = tmp_path / 'images'
+    images.mkdir()
+    (images / 'a.png').write_bytes(b'png')
+    config = tmp_path / 'configs' / 'model.py'
+    config.parent.mkdir()
+    config.write_text('model = None\n')
+    inputs = {'input folder': str(images), 'config': str(config), 'checkpoint': None,
+              'remote weights': 'https://example.com/w.pth'}
+    refuse = runtime.refuse_output_over_inputs
+    monkeypatch.chdir(tmp_path)
+    refused = [
+        (str(images), (), 'the output is the input folder'),
+        ('images/../images/', (), 'the output is the input folder'),
+        (str(images / 'vis'), (), 'the output is inside the input folder'),
+        ('configs/model.py', (), 'the output is the config'),
+        ('configs', ['*.py'], 'would write model.py into the folder of the config'),
+    ]
+    for output, written, message in refused:
+        with pytest.raises(ValueError, match=message):
+            refuse(output, inputs, '--out-dir', written=written)
+    link = tmp_path / 'link'
+    link.symlink_to(images)
+    with pytest.raises(ValueError, match='is the input folder'):
+        refuse(str(link), inputs, '--out-dir')
+    hard = tmp_path / 'hard.py'
+    hard.hardlink_to(config)
+    with pytest.raises(ValueError, match='is the config'):
+        refuse(str(hard), inputs, '--out')
+    for output, written in ((str(tmp_path / 'vis'), ()), ('configs', ['*.png']),
+                            (str(tmp_path), ['*.png']), (None, ())):
+        refuse(output, inputs, '--out-dir', written=written)
+
+
+def _fresh_toy_data(tmp_path) -> Path:
+    generate_toy_datasets(str(tmp_path / 'data'), SMALL_SPEC)
+    return tmp_path / 'data'
+
+
+def _toy_options(data: Path, library: str) -> list:
+    if library == 'mmdet':
+        coco = f'{data}/toy_coco/'
+        ann = f'{coco}annotations/instances_val.json'
+        return ['--cfg-options', f'train_dataloader.dataset.data_root={coco}',
+                f'val_dataloader.dataset.data_root={coco}',
+                f'test_dataloader.dataset.data_root={coco}', f'val_evaluator.ann_file={ann}',
+                f'test_evaluator.ann_file={ann}']
+    ade = f'{data}/toy_ade/'
+    return ['--cfg-options', f'train_dataloader.dataset.data_root={ade}',
+            f'val_dataloader.dataset.data_root={ade}', f'test_dataloader.dataset.data_root={ade}']
+
+
+def test_train_and_test_refuse_outputs_over_inputs(tmp_path, train_tool, test_tool):
+    data = _fresh_toy_data(tmp_path)
+    toy = REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py'
+    options = _toy_options(data, 'mmdet')
+    checkpoint = tmp_path / 'model.pkl'
+    checkpoint.write_bytes(b'weights')
+    refused = [
+        ([str(toy), str(checkpoint), '--out', str(checkpoint)], '--out .* is the checkpoint'),
+        ([str(toy), str(checkpoint), '--show-dir', str(data / 'toy_coco' / 'val')],
+         '--show-dir .* is the test_dataloader data'),
+        ([str(toy), str(checkpoint), '--work-dir', str(toy.parent)],
+         'work dir .* would write retinanet_rest_small_toy.py into the folder of the config'),
+    ]
+    for argv, message in refused:
+        with pytest.raises(ValueError, match=message):
+            test_tool.build_config(test_tool.parse_args(argv + options))
+    # The checkpoint may live in the work dir: a test run writes a new timestamped folder.
+    test_tool.build_config(test_tool.parse_args(
+        [str(toy), str(checkpoint), '--work-dir', str(tmp_path)] + options))
+
+    dumped = tmp_path / 'work' / 'retinanet_rest_small_toy.py'
+    dumped.parent.mkdir()
+    dumped.write_text(toy.read_text().replace("'../detection/", f"'{REPO}/configs/detection/"))
+    with pytest.raises(ValueError, match='work dir .* would write retinanet_rest_small_toy.py'):
+        train_tool.build_config(train_tool.parse_args(
+            [str(dumped), '--work-dir', str(dumped.parent)] + options))
+    epoch = tmp_path / 'work' / 'epoch_1.pth'
+    epoch.write_bytes(b'weights')
+    with pytest.raises(ValueError, match='would write epoch_1.pth into the folder of the '
+                                         'load_from checkpoint'):
+        train_tool.build_config(train_tool.parse_args(
+            [str(toy), '--work-dir', str(tmp_path / 'work')] + options + [f'load_from={epoch}']))
+    # Resuming continues in the work dir that holds the checkpoint.
+    cfg = train_tool.build_config(train_tool.parse_args(
+        [str(toy), '--work-dir', str(tmp_path / 'work'), '--resume', str(epoch)] + options))
+    assert cfg.resume and cfg.load_from == str(epoch)
+    with pytest.raises(ValueError, match='work dir .* is inside the train_dataloader data'):
+        train_tool.build_config(train_tool.parse_args(
+            [str(toy), '--work-dir', str(data / 'toy_coco' / 'train' / 'w')] + options))
+
+
+def test_resume_needs_a_training_checkpoint(tmp_path, train_tool):
+    """A text file used to end in ``IndexError: pop from empty list``, ImageNet weights in
+    ``KeyError: 'meta'``, both after the Runner was built."""
+    options = _toy_options(_fresh_toy_data(tmp_path), 'mmdet')
+    toy = str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py')
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint\n')
+    imagenet = tmp_path / 'rest_small.pth'
+    torch.save({'model': {'stem.conv1.weight': torch.zeros(1)}}, imagenet)
+    work = tmp_path / 'work'
+    for path, message in ((text, 'neither a torch checkpoint nor a pickle'),
+                          (imagenet, r'not a training checkpoint .*meta\.epoch.*load_from=')):
+        with pytest.raises(SystemExit, match=message):
+            train_tool.main([toy, '--work-dir', str(work), '--resume', str(path)] + options)
+    with pytest.raises(SystemExit, match='is a directory, not a file'):
+        train_tool.main([toy, '--work-dir', str(work), '--resume', str(tmp_path)] + options)
+    assert not work.exists()
+
+
+def test_test_tool_loads_the_whole_model_strictly(tmp_path, test_tool):
+    """A RetinaNet checkpoint with the UperNet config used to be tested (mIoU reported)
+    after mmengine's warnings; and a refused start left a timestamped folder behind."""
+    options = _toy_options(_fresh_toy_data(tmp_path), 'mmseg')
+    config = str(REPO / 'configs' / 'toy' / 'upernet_restv2_tiny_toy.py')
+    retinanet = tmp_path / 'retinanet.pth'
+    torch.save({'meta': {}, 'state_dict': {
+        'backbone.stem.proj.0.weight': torch.zeros(24, 3, 3, 3),
+        'bbox_head.retina_cls.weight': torch.zeros(27, 256, 3, 3)}}, retinanet)
+    work = tmp_path / 'work'
+    argv = [config, str(retinanet), '--work-dir', str(work)]
+    # mmengine keeps one visualizer per name in a process (a CLI run is one per process)
+    options += ['visualizer.name=strict_loading_first']
+    with pytest.raises(SystemExit) as info:
+        test_tool.main(argv + options)
+    message = str(info.value)
+    assert 'does not fit the EncoderDecoder built from the config' in message
+    assert 'unexpected (bbox_head.retina_cls.weight)' in message and ' missing (' in message
+    assert 'mis-shaped (backbone.stem.proj.0.weight' in message
+    assert '--allow-missing' in message
+    assert not work.exists()  # nothing left of the refused start
+    work.mkdir()
+    (work / 'earlier.log').write_text('kept')
+    with pytest.raises(SystemExit, match='does not fit'):
+        test_tool.main(argv + options[:-1] + ['visualizer.name=strict_loading_second'])
+    assert sorted(p.name for p in work.iterdir()) == ['earlier.log']
+
+    text = tmp_path / 'notes.txt'
+    text.write_text('not a checkpoint\n')
+    with pytest.raises(SystemExit, match='neither a torch checkpoint nor a pickle'):
+        test_tool.main([config, str(text)] + options)

@@ -19,6 +19,7 @@ REFERENCES = [
     ('rest_v2_tiny.pt', ResTV2, {}, 2),
 ]
 REFERENCE_IDS = [r[0] for r in REFERENCES]
+TOY_CONFIG = str(Path(__file__).resolve().parents[1] / 'configs/toy/retinanet_rest_small_toy.py')
 
 
 @pytest.fixture(scope='module')
@@ -49,30 +50,35 @@ def _as_ours(model, stage_maps):
 
 @pytest.mark.parametrize('name, cls, kwargs, version', REFERENCES, ids=REFERENCE_IDS)
 def test_straightforward_reproduces_reference_data(straightforward, reference_dir,
-                                                   reference_arch, name, cls, kwargs, version):
+                                                   reference_arch, name, cls, kwargs, version,
+                                                   float32_tolerance):
+    """Within float32 rounding of the authors' float32 run, which another CPU's kernels
+    round differently (a fixed 1e-6 failed elsewhere at 2e-6..2.2e-5; a wrong model is off
+    by 1e-2 or more): the bound is derived from this input's float32 error."""
     reference = torch.load(reference_dir / name, weights_only=True)
     model = _straightforward_from_reference(straightforward, reference, reference_arch,
                                             version, kwargs)
     for case in reference['cases']:
         with torch.no_grad():
             stage_maps = model(case['input'])
-        for ours, theirs in zip(stage_maps, case['stages']):
-            assert (ours - theirs).abs().max().item() <= 1e-6
+        bounds = float32_tolerance(model, case['input'])
+        for ours, theirs, bound in zip(stage_maps, case['stages'], bounds):
+            assert (ours - theirs).abs().max().item() <= bound
 
 
 @pytest.mark.parametrize('name, cls, kwargs, version', REFERENCES, ids=REFERENCE_IDS)
 def test_ours_is_the_straightforward_function(straightforward, reference_dir, reference_arch,
-                                              name, cls, kwargs, version):
+                                              name, cls, kwargs, version, float32_tolerance):
     """Same weights, same outputs and same gradients: exact in float64 (where rounding
-    cannot hide a difference), and in float32 within the reference data's tolerance."""
+    cannot hide a difference), and in float32 within float32 rounding."""
     reference = torch.load(reference_dir / name, weights_only=True)
     plain = _straightforward_from_reference(straightforward, reference, reference_arch,
                                             version, kwargs)
     ours = _ours_from(plain, cls, reference_arch, kwargs)
     x = torch.randn(2, 3, 72, 104)  # not multiples of 32: sizes come from the tensors
     with torch.no_grad():
-        for a, b in zip(ours(x), _as_ours(ours, plain(x))):
-            assert (a - b).abs().max().item() < 1e-4
+        for a, b, bound in zip(ours(x), _as_ours(ours, plain(x)), float32_tolerance(ours, x)):
+            assert (a - b).abs().max().item() <= bound
     ours, plain = ours.double().train(), plain.double().train()
     x = x.double()
     for model, outputs in ((ours, ours(x)), (plain, _as_ours(ours, plain(x)))):
@@ -314,6 +320,7 @@ def test_benchmark_training_step_and_memory(benchmark, capsys):
     (['vgg16'], 'unknown model'),
     (['rest_small', '--size', '800'], 'HxW'),
     ([], '--compare'),
+    ([TOY_CONFIG, '--plot', TOY_CONFIG], 'the output is the config'),  # issue 10
 ])
 def test_benchmark_refuses_bad_arguments_clearly(benchmark, capsys, args, message):
     with pytest.raises(SystemExit):

@@ -45,6 +45,8 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
+from rest_mm.runtime import refuse_output_over_inputs
+
 TOOLS_DIR = Path(__file__).resolve().parent
 sys.path.insert(0, str(TOOLS_DIR))
 
@@ -298,6 +300,11 @@ def parse_args(argv=None):
         if not name.endswith('.py') and name not in known_names():
             parser.error(f'unknown model {name!r}: give a config file (.py) or one of '
                          f'{", ".join(known_names())}')
+    try:
+        refuse_output_over_inputs(args.plot, {f'config {name}': name for name in args.models
+                                              if name.endswith('.py')}, '--plot')
+    except ValueError as error:
+        parser.error(str(error))
     return args
 
 

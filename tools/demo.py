@@ -8,8 +8,14 @@ mmseg's ``MMSegInferencer`` (a class overlay); both draw with their library's ow
 visualiser. Each picture is written to ``DIR/<input file name>`` and a one-line summary of
 its predictions is printed. Without a checkpoint the weights are random and nothing is
 downloaded: the pictures then show that the pipeline runs, not what the model can do.
+
+DIR may not be an input (nor hold one, nor lie in an input folder): the pictures would
+overwrite the images. In a folder, an image that cannot be read or run is reported and
+skipped, the others are processed, and the tool exits with status 1 at the end.
 """
 import argparse
+import glob
+import sys
 import warnings
 from pathlib import Path
 
@@ -19,7 +25,8 @@ from mmengine.config import Config, DictAction
 from rich.progress import track
 
 # Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
-from rest_mm.runtime import allow_mmengine_checkpoints
+from rest_mm.checkpoint import check_model_fits, read_checkpoint
+from rest_mm.runtime import allow_mmengine_checkpoints, refuse_output_over_inputs
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 LIBRARIES = ('mmdet', 'mmseg')
@@ -48,7 +55,8 @@ def list_images(inputs: str):
     """The image files named by ``inputs``, sorted; a clear error when there are none."""
     path = Path(inputs)
     if path.is_dir():
-        images = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        images = sorted(p for p in path.iterdir()
+                        if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
             raise SystemExit(f'{inputs} holds no image files (looked for {", ".join(IMAGE_SUFFIXES)})')
         return images
@@ -75,47 +83,6 @@ def library_of(cfg: Config) -> str:
     return scope
 
 
-def read_model_weights(path: str) -> dict:
-    """The checkpoint's ``state_dict`` and ``meta``, read without loading tensor data."""
-    if not Path(path).is_file():
-        raise SystemExit(f'checkpoint {path} does not exist')
-    try:
-        checkpoint = torch.load(path, map_location='cpu', mmap=True, weights_only=True)
-    except Exception as error:  # torch raises several unrelated types for bad files
-        raise SystemExit(f'checkpoint {path} could not be read ({type(error).__name__}: {error})')
-    if not isinstance(checkpoint, dict):
-        raise SystemExit(f'checkpoint {path} holds a {type(checkpoint).__name__}, expected a dict')
-    return checkpoint
-
-
-def check_checkpoint_fits(model: torch.nn.Module, checkpoint: dict, path: str):
-    """Refuse a checkpoint that would leave part of the model random.
-
-    The inferencers load non-strictly and only log what did not match; a backbone-only
-    file (ImageNet weights) would then run a random detector without saying so.
-    """
-    state_dict = checkpoint.get('state_dict', checkpoint)
-    own = model.state_dict()
-    missing = [k for k in own if k not in state_dict]
-    unexpected = [k for k in state_dict if k not in own]
-    mismatched = [k for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
-    if not (missing or unexpected or mismatched):
-        return
-    if not any(k.startswith('backbone.') for k in state_dict):
-        raise SystemExit(
-            f'{path} holds no detector/segmentor weights (no "backbone." keys): it looks like '
-            f'a backbone or ImageNet checkpoint. The demo needs a checkpoint trained with the '
-            f'config; to start training from backbone weights, set '
-            f"model.backbone.init_cfg=dict(type='Pretrained', checkpoint='{path}').")
-    details = []
-    for title, keys in (('missing', missing), ('unexpected', unexpected),
-                        ('mis-shaped', mismatched)):
-        if keys:
-            details.append(f'{len(keys)} {title} (e.g. {", ".join(keys[:3])})')
-    raise SystemExit(f'{path} does not fit the model built from the config: '
-                     f'{"; ".join(details)}. Was it trained with this config?')
-
-
 def dataset_meta_from_config(cfg: Config) -> dict:
     """Class names and palette of the config's test set (annotations are not read)."""
     from mmengine.registry import DATASETS
@@ -129,7 +96,10 @@ def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
     # The Runner's checkpoints pickle training state that torch's weights_only loader
     # refuses unless allowed; the inferencers load with it too.
     allow_mmengine_checkpoints()
-    checkpoint = read_model_weights(checkpoint_path) if checkpoint_path else None
+    try:  # verified (zip checksums) and read, tensor data mapped, before the inferencer
+        checkpoint = read_checkpoint(checkpoint_path, mmap=True) if checkpoint_path else None
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(str(error))
     with warnings.catch_warnings():
         # Both inferencers warn about random weights and fall back to COCO/Cityscapes
         # class names; we say the former ourselves and replace the latter below.
@@ -143,7 +113,11 @@ def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
             inferencer = MMSegInferencer(cfg, checkpoint_path, device=device)
             inferencer.show_progress = False
     if checkpoint is not None:
-        check_checkpoint_fits(inferencer.model, checkpoint, checkpoint_path)
+        # The inferencers load non-strictly and only log what did not fit.
+        try:
+            check_model_fits(inferencer.model, checkpoint, checkpoint_path)
+        except RuntimeError as error:
+            raise SystemExit(str(error))
     if checkpoint is None or 'dataset_meta' not in checkpoint.get('meta', {}):
         meta = dataset_meta_from_config(cfg)
         inferencer.model.dataset_meta = dict(classes=meta['classes'],
@@ -166,9 +140,48 @@ def summarise(library: str, prediction, classes, score_thr: float) -> str:
     return 'classes by area: ' + ', '.join(shares)
 
 
+class UnreadableImage(ValueError):
+    """An input file that does not decode as an image."""
+
+
+def check_readable(path: Path) -> None:
+    """Raise :class:`UnreadableImage` saying why when ``path`` does not decode."""
+    try:
+        image = mmcv.imread(str(path))
+    except Exception as error:  # the decoders raise several unrelated types
+        raise UnreadableImage(f'could not be read as an image ({type(error).__name__}: '
+                              f'{error})') from error
+    if image is None:
+        raise UnreadableImage('could not be read as an image (empty, damaged or not an '
+                              'image)')
+
+
+def predict_and_draw(inferencer, library: str, image: str, options: dict):
+    """The prediction for one image and the library visualiser's drawing (RGB).
+
+    mmseg's prediction reaches its visualiser as a numpy array: mmseg 1.2.2 indexes the
+    numpy picture with a torch mask, which numpy takes for the integer index 1 when the
+    image has a single pixel (IndexError); with a numpy mask every size draws.
+    """
+    if library == 'mmdet':
+        result = inferencer(image, return_vis=True, **options)
+        return result['predictions'][0], result['visualization'][0]
+    sample = inferencer(image, return_datasamples=True)
+    labels = sample.pred_sem_seg.data.cpu().numpy()
+    sample.pred_sem_seg.data = labels
+    return labels[0], inferencer.visualize([image], [sample], return_vis=True, **options)[0]
+
+
 def main(argv=None):
     args = parse_args(argv)
     images = list_images(args.inputs)
+    try:
+        refuse_output_over_inputs(
+            args.out_dir, {'input folder' if Path(args.inputs).is_dir() else 'input image':
+                           args.inputs, 'config': args.config, 'checkpoint': args.checkpoint},
+            '--out-dir', written=[glob.escape(image.name) for image in images])
+    except ValueError as error:
+        raise SystemExit(str(error))
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
     library = library_of(cfg)
@@ -184,15 +197,24 @@ def main(argv=None):
     call_kwargs = (dict(pred_score_thr=args.score_thr) if library == 'mmdet'
                    else dict(opacity=args.opacity))
     progress = track(images, description='Demo') if len(images) > 1 else images
+    failed = []
     for image in progress:
-        result = inferencer(str(image), return_vis=True, **call_kwargs)
-        prediction, drawn = result['predictions'], result['visualization']
-        if isinstance(prediction, list):  # mmdet wraps single results in lists
-            prediction, drawn = prediction[0], drawn[0]
+        try:  # one bad image must not stop the others
+            check_readable(image)
+            prediction, drawn = predict_and_draw(inferencer, library, str(image), call_kwargs)
+        except Exception as error:
+            reason = error if isinstance(error, UnreadableImage) else \
+                f'failed ({type(error).__name__}: {error})'
+            print(f'{image}: {reason}; skipped', file=sys.stderr, flush=True)
+            failed.append(image.name)
+            continue
         out_file = out_dir / image.name
         mmcv.imwrite(drawn[..., ::-1], str(out_file))  # visualisers return RGB
         print(f'{image.name}: {summarise(library, prediction, classes, args.score_thr)} '
               f'-> {out_file}')
+    if failed:
+        raise SystemExit(f'{len(failed)} of {len(images)} images failed and were skipped: '
+                         f'{", ".join(failed)}')
 
 
 if __name__ == '__main__':

@@ -34,7 +34,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from rest_mm.runtime import allow_mmengine_checkpoints
+from rest_mm.checkpoint import check_model_fits, read_checkpoint
+from rest_mm.runtime import refuse_output_over_inputs
 from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
 
 DEFAULT_SIZES = ((1, 224, 224), (2, 200, 328), (1, 333, 517))
@@ -132,7 +133,6 @@ def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
     from mmengine.config import Config
     from mmengine.model import revert_sync_batchnorm
     from mmengine.registry import init_default_scope
-    from mmengine.runner import load_checkpoint
 
     if not Path(config).is_file():
         raise SystemExit(f'--segmentor needs an mmseg config file; {config!r} is not a file')
@@ -151,12 +151,15 @@ def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
     if checkpoint is None:
         description += ', random weights'
     else:
-        allow_mmengine_checkpoints()  # the Runner's checkpoints pickle training state
-        try:
-            load_checkpoint(segmentor, checkpoint, map_location='cpu', strict=True)
-        except (RuntimeError, FileNotFoundError, OSError) as error:
+        try:  # verified, and checked against the whole segmentor
+            weights = read_checkpoint(checkpoint)
+            check_model_fits(segmentor, weights, checkpoint)
+        except (RuntimeError, FileNotFoundError) as error:
             raise SystemExit(f'{checkpoint} does not load into the segmentor of {config} '
                              f'(a whole-segmentor checkpoint is needed): {error}')
+        state_dict = weights.get('state_dict', weights)
+        segmentor.load_state_dict({(k[len('module.'):] if k.startswith('module.') else k): v
+                                   for k, v in state_dict.items()})
         description += f', weights {Path(checkpoint).name}'
     return segmentor.eval(), description
 
@@ -227,6 +230,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.out.endswith('.onnx'):
         raise SystemExit(f'--out {args.out}: name a .onnx file')
+    try:
+        refuse_output_over_inputs(args.out, {'config': args.config_or_arch,
+                                             'checkpoint': args.checkpoint}, '--out')
+    except ValueError as error:
+        raise SystemExit(str(error))
     sizes = DEFAULT_SIZES if args.verify_sizes is None else [parse_size(s) for s in
                                                              args.verify_sizes]
     if args.segmentor:

@@ -140,6 +140,22 @@ class Block(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+class ChannelsFirstLayerNorm(nn.Module):
+    """LayerNorm over the channels of a ``B×C×h×w`` map, written out."""
+
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.bias = nn.Parameter(torch.zeros(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        mean = x.mean(1, keepdim=True)
+        var = (x - mean).pow(2).mean(1, keepdim=True)
+        x = (x - mean) / torch.sqrt(var + self.eps)
+        return self.weight[:, None, None] * x + self.bias[:, None, None]
+
+
 class StemV1(nn.Module):
 
     def __init__(self, out_channels):
@@ -215,11 +231,16 @@ class StraightforwardResT(nn.Module):
         version (int): 1 for ResT, 2 for ResTv2.
         embed_dims, depths, num_heads, sr_ratios (Sequence[int]): Per-stage settings.
         apply_transform (bool): v1's head interaction (ignored by v2, which has none).
+        detection_norms (bool): Add the output norms of the authors' detectron2 backbones,
+            under their names, and return the normalised maps: v1 ``norm1``..``norm3`` after
+            stages 1-3 sit in the main path (the next stage consumes the normalised map)
+            and stage 4 keeps ``norm``; v2 ``norm_1``..``norm_4`` are channels-first
+            LayerNorms (in a Sequential) on side branches.
     """
 
     def __init__(self, version: int, embed_dims: Sequence[int], depths: Sequence[int],
                  num_heads: Sequence[int] = (1, 2, 4, 8), sr_ratios: Sequence[int] = (8, 4, 2, 1),
-                 apply_transform: bool = True):
+                 apply_transform: bool = True, detection_norms: bool = False):
         super().__init__()
         if version not in (1, 2):
             raise ValueError(f'version must be 1 or 2, got {version}')
@@ -240,6 +261,14 @@ class StraightforwardResT(nn.Module):
                 for _ in range(depths[i])
             ]))
         self.norm = nn.LayerNorm(embed_dims[3], eps=eps)
+        self.detection_norms = detection_norms
+        if detection_norms and version == 1:
+            for i in range(3):
+                self.add_module(f'norm{i + 1}', nn.LayerNorm(embed_dims[i], eps=eps))
+        elif detection_norms:
+            for i in range(4):
+                self.add_module(f'norm_{i + 1}',
+                                nn.Sequential(ChannelsFirstLayerNorm(embed_dims[i], eps)))
 
     def _downsample(self, i: int) -> nn.Module:
         if i == 0:
@@ -259,8 +288,13 @@ class StraightforwardResT(nn.Module):
                 x = block(x, h, w)
             if self.version == 1 and i == 3:
                 x = self.norm(x)
+            elif self.version == 1 and self.detection_norms:
+                x = getattr(self, f'norm{i + 1}')(x)
             feature_map = tokens_to_map(x, h, w)
-            outs.append(feature_map)
+            if self.version == 2 and self.detection_norms:
+                outs.append(getattr(self, f'norm_{i + 1}')(feature_map))
+            else:
+                outs.append(feature_map)
         return outs
 
 

@@ -10,10 +10,17 @@ The library comes from the config's ``default_scope``, so one tool serves both::
 
 Without CUDA it runs on the CPU: SyncBN becomes BN and distributed runs use gloo (see
 ``rest_mm/runtime.py``).
+
+The checkpoint a run starts from (``--resume``, ``load_from``) is verified (zip checksums)
+and must fit the whole model (``--allow-missing PREFIX ...`` loads partially, by name); a
+``--resume`` file must be a training checkpoint. The work dir may not overwrite the config
+(the Runner copies it there) or the ``load_from`` checkpoint, nor lie in the dataset. A run
+refused at its start leaves nothing behind in the work dir.
 """
 import argparse
 import os
 import os.path as osp
+from typing import Mapping, Optional
 
 import torch
 from mmengine.config import Config, DictAction
@@ -21,6 +28,10 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from rest_mm import runtime
+from rest_mm.checkpoint import check_model_fits, read_checkpoint
+
+# What the Runner writes directly in the work dir, besides the copy of the config.
+RUN_OUTPUTS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth', 'last_checkpoint')
 
 
 def parse_args(argv=None):
@@ -32,6 +43,10 @@ def parse_args(argv=None):
         '--resume', nargs='?', type=str, const='auto',
         help='resume from the given checkpoint, or without a value from the latest '
         'checkpoint in the work dir (starting afresh when there is none)')
+    parser.add_argument('--allow-missing', nargs='+', default=[], metavar='PREFIX',
+                        help='load_from partially: model keys under these prefixes (e.g. '
+                        'bbox_head.retina_cls.) may be absent from the checkpoint or mis-shaped '
+                        'and keep their initialisation; checkpoint keys under them are ignored')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (needs a CUDA GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
@@ -62,6 +77,11 @@ def build_config(args) -> Config:
     if args.amp:
         cfg.optim_wrapper.type = 'AmpOptimWrapper'
         cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+    if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and not torch.cuda.is_available():
+        # mmengine's AmpOptimWrapper asserts CUDA; say which setting to change instead
+        raise SystemExit(f'{args.config} trains with mixed precision (AmpOptimWrapper, as the '
+                         f'recipe it reproduces), which needs a CUDA GPU and none is available; '
+                         f'on the CPU add --cfg-options optim_wrapper.type=OptimWrapper')
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'--auto-scale-lr: {args.config} has no '
@@ -69,8 +89,8 @@ def build_config(args) -> Config:
         cfg.auto_scale_lr.enable = True
 
     if args.resume == 'auto':
-        cfg.resume, cfg.load_from = True, None
-        if find_latest_checkpoint(cfg.work_dir) is None:
+        cfg.resume, cfg.load_from = True, find_latest_checkpoint(cfg.work_dir)
+        if cfg.load_from is None:
             print(f'--resume: no checkpoint in {cfg.work_dir} yet, training from the start')
             cfg.resume = False
     elif args.resume is not None:
@@ -79,22 +99,54 @@ def build_config(args) -> Config:
     else:
         runtime.check_checkpoint(cfg.get('load_from'), 'load_from checkpoint')
 
-    runtime.check_datasets(cfg, ['train_dataloader'] + (
-        ['val_dataloader'] if cfg.get('val_cfg') else []))
+    dataloaders = ['train_dataloader'] + (['val_dataloader'] if cfg.get('val_cfg') else [])
+    runtime.check_datasets(cfg, dataloaders)
+    # A resumed run continues in its work dir (new checkpoint names); load_from may not be
+    # where this run writes its checkpoints.
+    inputs = {'config': args.config, **runtime.dataset_inputs(cfg, dataloaders)}
+    if not cfg.get('resume'):
+        inputs['load_from checkpoint'] = cfg.get('load_from')
+    runtime.refuse_output_over_inputs(cfg.work_dir, inputs, 'work dir',
+                                      written=[osp.basename(args.config), *RUN_OUTPUTS])
     return runtime.adapt_config_to_device(cfg, args.launcher)
+
+
+def read_start_checkpoint(cfg: Config) -> Optional[Mapping]:
+    """The checkpoint the run starts from (``load_from``, or the one it resumes), read and
+    verified; a file to resume from must be a training checkpoint."""
+    if not cfg.get('load_from'):
+        return None
+    checkpoint = read_checkpoint(cfg.load_from, mmap=True)
+    if cfg.get('resume'):
+        runtime.check_resumable(checkpoint, cfg.load_from)
+    return checkpoint
 
 
 def main(argv=None):
     args = parse_args(argv)
     runtime.allow_mmengine_checkpoints()
-    cfg = build_config(args)
+    try:
+        cfg = build_config(args)
+        checkpoint = read_start_checkpoint(cfg)
+    except (FileNotFoundError, ValueError, RuntimeError) as error:
+        raise SystemExit(f'tools/train.py: {error}')
     runtime.init_distributed(cfg, args.launcher)
-    if 'runner_type' in cfg:  # a custom runner, registered in the config's library
-        init_default_scope(cfg.default_scope)
-        runner = RUNNERS.build(cfg)
-    else:
-        runner = Runner.from_cfg(cfg)
-    runner.train()
+    with runtime.removed_if_start_fails(cfg.work_dir, osp.basename(args.config)) as started:
+        if 'runner_type' in cfg:  # a custom runner, registered in the config's library
+            init_default_scope(cfg.default_scope)
+            runner = RUNNERS.build(cfg)
+        else:
+            runner = Runner.from_cfg(cfg)
+        runner.register_hook(started)
+        if checkpoint is not None:
+            try:
+                check_model_fits(runner.model, checkpoint, cfg.load_from, args.allow_missing)
+            except RuntimeError as error:
+                raise SystemExit(f'tools/train.py: {error} To start from part of it on '
+                                 f'purpose, name what stays initialised: --allow-missing '
+                                 f'PREFIX ...')
+            del checkpoint
+        runner.train()
     runtime.close_distributed()
 
 

@@ -27,6 +27,7 @@ import mmcv
 import numpy as np
 import torch
 
+from rest_mm.runtime import refuse_output_over_inputs
 from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
 
 matplotlib.use('Agg')  # files only; no display is needed or wanted
@@ -184,6 +185,11 @@ def main(argv=None):
     args = parse_args(argv)
     if not args.out.lower().endswith('.png'):
         raise SystemExit(f'--out {args.out}: the figure is written as PNG; name a .png file')
+    try:
+        refuse_output_over_inputs(args.out, {'image': args.image, 'config': args.config_or_arch,
+                                             'checkpoint': args.checkpoint}, '--out')
+    except ValueError as error:
+        raise SystemExit(str(error))
     image, scale = load_image(args.image, args.max_size)
     height, width = image.shape[:2]
     if args.query is None:

@@ -1,9 +1,10 @@
 # Mask R-CNN with a ResT-Large backbone: the ResT-Small recipe (and where to put the
-# weights) with another arch and the neck widths that go with it.
+# weights) with another arch, its stochastic depth and the neck widths that go with it.
 _base_ = ['./mask_rcnn_rest_small_coco.py']
 
 model = dict(
     backbone=dict(
         arch='large',
+        drop_path_rate=0.2,  # the authors' builder: Base and Large 0.2
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/rest_large.pth')),
     neck=dict(in_channels=[96, 192, 384, 768]))

@@ -1,8 +1,10 @@
 # Mask R-CNN with a ResTv2-Base backbone: the ResTv2-Tiny 3x recipe (and where to put the
-# weights) with another arch. Published size: 75.5 M parameters.
+# weights) with another arch and its stochastic depth.
+# Published: 48.7 box AP, 43.9 mask AP, 75.5 M parameters.
 _base_ = ['./mask_rcnn_restv2_tiny_3x_coco.py']
 
 model = dict(
     backbone=dict(
         arch='base',
+        drop_path_rate=0.3,  # the authors' builder
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_base.pth')))

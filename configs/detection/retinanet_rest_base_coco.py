@@ -1,10 +1,11 @@
 # RetinaNet with a ResT-Base backbone: the ResT-Small recipe (and where to put the
-# weights) with another arch and the neck widths that go with it.
+# weights) with another arch, its stochastic depth and the neck widths that go with it.
 # Published size: 40.5 M parameters.
 _base_ = ['./retinanet_rest_small_coco.py']
 
 model = dict(
     backbone=dict(
         arch='base',
+        drop_path_rate=0.2,  # the authors' builder: Base and Large 0.2
         init_cfg=dict(type='Pretrained', checkpoint='checkpoints/rest_base.pth')),
     neck=dict(in_channels=[192, 384, 768]))

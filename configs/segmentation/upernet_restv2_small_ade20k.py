@@ -1,11 +1,13 @@
-# UperNet with a ResTv2-Small backbone: the ResTv2-Tiny recipe (and where to put the weights)
-# with another arch and Swin's UperNet drop path, 0.3.
-# Published size (auxiliary head included): 72.9 M parameters.
+# UperNet with a ResTv2-Small backbone: the ResTv2-Tiny recipe (and where to put the
+# weights) with another arch and the authors' drop path for it, 0.2.
+# The authors' Small config also changes the optimizer (see the README's "Configs" table
+# for why that is not reproduced here).
+# Published: 49.2 mIoU (multi-scale + flip), 72.9 M parameters (auxiliary head included).
 _base_ = ['./upernet_restv2_tiny_ade20k.py']
 
 checkpoint_file = 'checkpoints/restv2_small.pth'
 model = dict(
     backbone=dict(
         arch='small',
-        drop_path_rate=0.3,
+        drop_path_rate=0.2,
         init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))

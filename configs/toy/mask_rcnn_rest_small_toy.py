@@ -35,6 +35,7 @@ test_pipeline = [
 # Decoding 128x160 JPEGs is cheap: worker processes would only compete for the CPU.
 train_dataloader = dict(
     batch_size=8, num_workers=0, persistent_workers=False,
+    sampler=dict(type='DefaultSampler', shuffle=True),
     dataset=dict(data_root=data_root, metainfo=metainfo,
                  ann_file='annotations/instances_train.json', data_prefix=dict(img='train/'),
                  filter_cfg=dict(filter_empty_gt=True, min_size=8), pipeline=train_pipeline))
@@ -48,13 +49,15 @@ val_evaluator = dict(ann_file=data_root + 'annotations/instances_val.json')
 test_evaluator = val_evaluator
 
 max_epochs = 12
-train_cfg = dict(max_epochs=max_epochs, val_interval=max_epochs)
+# Epochs, where the COCO config counts detectron2's iterations.
+train_cfg = dict(_delete_=True, type='EpochBasedTrainLoop', max_epochs=max_epochs,
+                 val_interval=max_epochs)
 optim_wrapper = dict(optimizer=dict(lr=2e-4))
 param_scheduler = [
     dict(type='LinearLR', start_factor=0.01, by_epoch=False, begin=0, end=60),
     dict(type='CosineAnnealingLR', by_epoch=True, begin=0, end=max_epochs, eta_min=1e-5)
 ]
 default_hooks = dict(logger=dict(interval=10),
-                     checkpoint=dict(interval=max_epochs, max_keep_ckpts=1))
-log_processor = dict(window_size=10)
+                     checkpoint=dict(by_epoch=True, interval=max_epochs, max_keep_ckpts=1))
+log_processor = dict(window_size=10, by_epoch=True)
 randomness = dict(seed=0)

@@ -43,6 +43,17 @@ val_dataloader = dict(
                                   seg_map_path='annotations/validation')))
 test_dataloader = val_dataloader
 
+# Multi-scale + flip testing (--tta) around the toy images' own size rather than ADE20K's
+# (2048, 512): the ADE20K config's ratios and flips.
+tta_pipeline = [
+    dict(type='LoadImageFromFile'),
+    dict(type='TestTimeAug',
+         transforms=[
+             [dict(type='Resize', scale=(int(image_size[1] * r), int(image_size[0] * r)),
+                   keep_ratio=True) for r in [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]],
+             {{_base_.tta_flips}}, [dict(type='LoadAnnotations')], [dict(type='PackSegInputs')]])
+]
+
 max_iters = 300
 train_cfg = dict(max_iters=max_iters, val_interval=max_iters)
 optim_wrapper = dict(optimizer=dict(lr=6e-4))
