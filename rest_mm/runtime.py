@@ -43,7 +43,7 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence
+from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config, ConfigDict
@@ -248,6 +248,18 @@ def _dataset_paths(dataset: dict) -> Iterator[str]:
         yield path if osp.isabs(path) else osp.join(data_root, path)
 
 
+def _dataloader_paths(cfg: Config, dataloaders: Iterable[str]) -> Iterator[Tuple[str, dict, str]]:
+    """``(dataloader key, dataset config, path)`` for every annotation file and image folder
+    of the given dataloaders' datasets; absent or ``None`` dataloaders are skipped."""
+    for key in dataloaders:
+        loader = cfg.get(key)
+        if not loader:
+            continue
+        for dataset in _dataset_configs(loader.get('dataset')):
+            for path in _dataset_paths(dataset):
+                yield key, dataset, path
+
+
 def check_datasets(cfg: Config, dataloaders: Iterable[str]) -> None:
     """Raise ``FileNotFoundError`` naming the first dataset path that does not exist.
 
@@ -257,21 +269,16 @@ def check_datasets(cfg: Config, dataloaders: Iterable[str]) -> None:
             absent or ``None`` entries are skipped.
     """
     scope = cfg.get('default_scope')
-    for key in dataloaders:
-        loader = cfg.get(key)
-        if not loader:
+    for key, dataset, path in _dataloader_paths(cfg, dataloaders):
+        if osp.exists(path):
             continue
-        for dataset in _dataset_configs(loader.get('dataset')):
-            for path in _dataset_paths(dataset):
-                if osp.exists(path):
-                    continue
-                toy = 'toy' in path or 'toy' in osp.basename(cfg.filename or '')
-                hint = _TOY_DATA_HINT if toy else _DATA_HINTS.get(scope, 'prepare the dataset')
-                raise FileNotFoundError(
-                    f'{key}: dataset path {path!r} does not exist (data_root='
-                    f'{dataset.get("data_root")!r}, type={dataset.get("type")!r}); '
-                    f'{hint}, or point the config at your copy with '
-                    f'--cfg-options {key}.dataset.data_root=PATH')
+        toy = 'toy' in path or 'toy' in osp.basename(cfg.filename or '')
+        hint = _TOY_DATA_HINT if toy else _DATA_HINTS.get(scope, 'prepare the dataset')
+        raise FileNotFoundError(
+            f'{key}: dataset path {path!r} does not exist (data_root='
+            f'{dataset.get("data_root")!r}, type={dataset.get("type")!r}); '
+            f'{hint}, or point the config at your copy with '
+            f'--cfg-options {key}.dataset.data_root=PATH')
 
 
 def check_checkpoint(path: Optional[str], what: str = 'checkpoint') -> None:
@@ -355,15 +362,7 @@ def refuse_output_over_inputs(output: Optional[str], inputs: Mapping[str, Option
 def dataset_inputs(cfg: Config, dataloaders: Iterable[str]) -> Dict[str, str]:
     """The annotation files and image folders of the configs' datasets, as inputs for
     :func:`refuse_output_over_inputs`."""
-    inputs = {}
-    for key in dataloaders:
-        loader = cfg.get(key)
-        if not loader:
-            continue
-        for dataset in _dataset_configs(loader.get('dataset')):
-            for path in _dataset_paths(dataset):
-                inputs[f'{key} data {path}'] = path
-    return inputs
+    return {f'{key} data {path}': path for key, _, path in _dataloader_paths(cfg, dataloaders)}
 
 
 # mmengine's Runner names each run's log folder by its start time.
