@@ -13,7 +13,7 @@ dense-prediction releases add fresh.
 import os.path as osp
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Optional, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -134,17 +134,46 @@ def describe_weights(state_dict: Mapping) -> Tuple[str, dict]:
     return ('ResT' if v1 else 'ResTV2'), dict(embed_dims=tuple(dims), depths=tuple(depths))
 
 
-def suggest_arch(state_dict: Mapping) -> str:
-    """A sentence naming the model and preset that converted weights fit."""
+def matching_preset(state_dict: Mapping) -> Tuple[str, Optional[str]]:
+    """The model class converted weights are for, and the preset they fit (None: none)."""
     from .rest import ResT, ResTV2
     model_name, found = describe_weights(state_dict)
     zoo = (ResT if model_name == 'ResT' else ResTV2).arch_zoo
-    for name, arch in zoo.items():
-        if (tuple(arch['embed_dims']) == found['embed_dims']
-                and tuple(arch['depths']) == found['depths']):
-            return f"these weights fit {model_name}(arch='{name}')"
+    preset = next((name for name, arch in zoo.items()
+                   if tuple(arch['embed_dims']) == found['embed_dims']
+                   and tuple(arch['depths']) == found['depths']), None)
+    return model_name, preset
+
+
+def suggest_arch(state_dict: Mapping) -> str:
+    """A sentence naming the model and preset that converted weights fit."""
+    model_name, preset = matching_preset(state_dict)
+    if preset is not None:
+        return f"these weights fit {model_name}(arch='{preset}')"
+    _, found = describe_weights(state_dict)
     return (f'these weights fit {model_name} with embed_dims={found["embed_dims"]} and '
             f'depths={found["depths"]}, which is no preset: pass them in an arch dict')
+
+
+def backbone_key_problems(weights: Mapping, model_name: str, preset: str, **kwargs
+                          ) -> Tuple[List[str], List[str], List[str]]:
+    """``(unknown, missing, mis-shaped)`` keys of converted weights against the model
+    ``model_name(arch=preset, **kwargs)``, built on the meta device (names and shapes only,
+    no memory). Whole-model converters call it so that a backbone key no rule explains is
+    an error at conversion, not at loading."""
+    from .rest import ResT, ResTV2
+    with torch.device('meta'):
+        model = (ResT if model_name == 'ResT' else ResTV2)(arch=preset, **kwargs)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    unknown = [k for k in weights if k not in expected]
+    missing = [k for k in expected if k not in weights]
+    mis_shaped = [k for k in weights if k in expected and tuple(weights[k].shape) != expected[k]]
+    return unknown, missing, mis_shaped
+
+
+def _listed(items: Sequence[str], most: int = 8) -> str:
+    """The first ``most`` items, and how many there are when that is not all."""
+    return ', '.join(items[:most]) + (f', ... ({len(items)} in all)' if len(items) > most else '')
 
 
 def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
@@ -160,9 +189,8 @@ def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
         else:
             others.append(f'{key} ({type(value).__name__})')
     if others:
-        shown = ', '.join(others[:8]) + (f', ... ({len(others)} in all)' if len(others) > 8 else '')
-        raise RuntimeError(f'{source}: values that are not tensors: {shown}; a state dict '
-                           f'maps parameter names to tensors (or numpy arrays)')
+        raise RuntimeError(f'{source}: values that are not tensors: {_listed(others)}; a '
+                           f'state dict maps parameter names to tensors (or numpy arrays)')
     return tensors
 
 
@@ -196,8 +224,7 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
         for title, keys in (('missing keys', missing), ('unexpected keys', unexpected),
                             ('shape mismatches', mismatched)):
             if keys:
-                shown = ', '.join(keys[:8]) + (f', ... ({len(keys)} in all)' if len(keys) > 8 else '')
-                problems.append(f'{title}: {shown}')
+                problems.append(f'{title}: {_listed(keys)}')
         raise RuntimeError(f'{source} does not fit {type(model).__name__}('
                            f'embed_dims={tuple(model.embed_dims)}, depths='
                            f'{tuple(model.arch["depths"])}): ' + '; '.join(problems) +

@@ -33,7 +33,8 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import as_tensors, convert_checkpoint, describe_weights, is_v1
+from .checkpoint import (as_tensors, backbone_key_problems, convert_checkpoint,
+                         describe_weights, is_v1, matching_preset)
 
 # ---------------------------------------------------------------------------------------
 # Facts: detectron2 -> mmdet key names, anchors, configs, evaluation defaults.
@@ -183,16 +184,12 @@ def _architecture(keys) -> str:
 
 def _backbone_model(backbone: Mapping) -> Tuple[str, str, Tuple[int, ...]]:
     """(``'ResT'``/``'ResTV2'``, preset, output stage indices) of converted backbone weights."""
-    from .rest import ResT, ResTV2
-    model_name, found = describe_weights(backbone)
-    zoo = (ResT if model_name == 'ResT' else ResTV2).arch_zoo
-    preset = next((name for name, arch in zoo.items()
-                   if tuple(arch['embed_dims']) == found['embed_dims']
-                   and tuple(arch['depths']) == found['depths']), None)
+    model_name, preset = matching_preset(backbone)
     if preset is None:
+        _, found = describe_weights(backbone)
         raise ValueError(f'the detectron2 backbone is a {model_name} with embed_dims='
-                         f'{found["embed_dims"]} and depths={found["depths"]}, no preset of '
-                         f'{", ".join(zoo)}')
+                         f'{found["embed_dims"]} and depths={found["depths"]}, which is no '
+                         f'preset')
     out_indices = tuple(sorted({int(m[1]) for k in backbone
                                 for m in [re.match(r'norm(\d)\.', k)] if m}))
     return model_name, preset, out_indices
@@ -201,21 +198,15 @@ def _backbone_model(backbone: Mapping) -> Tuple[str, str, Tuple[int, ...]]:
 def _check_backbone_keys(backbone: Mapping, origins: Mapping, model_name: str, preset: str,
                          out_indices: Tuple[int, ...]):
     """Every converted backbone key, with its shape, is one the matching model has."""
-    from .rest import ResT, ResTV2
     extra = dict(norm_in_path=True) if model_name == 'ResT' else {}
-    with torch.device('meta'):  # the key names and shapes, without allocating weights
-        model = (ResT if model_name == 'ResT' else ResTV2)(
-            arch=preset, out_indices=out_indices, **extra)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    unexplained = [origins[k] for k in backbone if k not in expected]
-    missing = [k for k in expected if k not in backbone]
-    mis_shaped = [f'{origins[k]} {tuple(backbone[k].shape)} (expected {expected[k]})'
-                  for k in backbone if k in expected and tuple(backbone[k].shape) != expected[k]]
-    if unexplained or missing or mis_shaped:
+    unknown, missing, mis_shaped = backbone_key_problems(
+        backbone, model_name, preset, out_indices=out_indices, **extra)
+    if unknown or missing or mis_shaped:
         raise ValueError(
             f'detectron2 backbone does not fit {model_name}(arch={preset!r}, out_indices='
-            f'{out_indices}): unexplained keys {unexplained}, missing (our names) {missing}, '
-            f'shape mismatches {mis_shaped}')
+            f'{out_indices}): unexplained keys {[origins[k] for k in unknown]}, missing (our '
+            f'names) {missing}, shape mismatches '
+            f'{[f"{origins[k]} {tuple(backbone[k].shape)}" for k in mis_shaped]}')
 
 
 def _fpn_prefixes(architecture: str, num_levels: int) -> Dict[str, str]:

@@ -16,11 +16,12 @@ outside these layouts is an error that names it.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Tuple
+from typing import Dict, Mapping, Tuple
 
 import torch
 
-from .checkpoint import convert_checkpoint, describe_weights, is_v1
+from .checkpoint import (backbone_key_problems, convert_checkpoint, describe_weights, is_v1,
+                         matching_preset)
 
 SOURCE = 'mmseg0.x'
 # The configs that train and evaluate the released models, by ResTV2 preset.
@@ -65,25 +66,6 @@ def is_mmseg0x_segmentor(checkpoint: Mapping) -> bool:
             and any(_AUTHORS_BACKBONE.match(k) for k in keys))
 
 
-def _preset(backbone: Mapping) -> str:
-    """The ResTV2 preset that converted backbone weights fit."""
-    from .rest import ResTV2
-    _, found = describe_weights(backbone)
-    for name, arch in ResTV2.arch_zoo.items():
-        if (tuple(arch['embed_dims']), tuple(arch['depths'])) == (found['embed_dims'],
-                                                                   found['depths']):
-            return name
-    raise ValueError(f'the backbone has embed_dims={found["embed_dims"]} and depths='
-                     f'{found["depths"]}, which is no ResTV2 preset ({sorted(ResTV2.arch_zoo)})')
-
-
-def _expected_backbone_keys(arch: str) -> List[str]:
-    """Every key of our ResTV2 with all four output norms (built without memory)."""
-    from .rest import ResTV2
-    with torch.device('meta'):
-        return list(ResTV2(arch=arch, out_indices=(0, 1, 2, 3)).state_dict())
-
-
 def _convert_backbone(backbone: Dict[str, torch.Tensor]) -> Tuple['OrderedDict', str]:
     """Our ResTV2 weights and preset from the authors' backbone keys (prefix stripped)."""
     if is_v1(backbone):
@@ -95,11 +77,15 @@ def _convert_backbone(backbone: Dict[str, torch.Tensor]) -> Tuple['OrderedDict',
     kept = {id(value) for value in converted.values()}
     authors_key = {id(value): key for key, value in backbone.items()}
     dropped = [f'backbone.{k}' for k, v in backbone.items() if id(v) not in kept]
-    arch = _preset(converted)
-    expected = _expected_backbone_keys(arch)
-    unknown = [f'backbone.{authors_key[id(v)]}' for k, v in converted.items()
-               if k not in expected]
-    missing = [f'backbone.{k}' for k in expected if k not in converted]
+    model_name, arch = matching_preset(converted)
+    if model_name != 'ResTV2' or arch is None:
+        _, found = describe_weights(converted)
+        raise ValueError(f'the backbone has embed_dims={found["embed_dims"]} and depths='
+                         f'{found["depths"]}, which is no ResTV2 preset')
+    unknown, missing, mis_shaped = backbone_key_problems(converted, 'ResTV2', arch,
+                                                         out_indices=(0, 1, 2, 3))
+    unknown = [f'backbone.{authors_key[id(converted[k])]}' for k in unknown + mis_shaped]
+    missing = [f'backbone.{k}' for k in missing]
     if dropped or unknown or missing:
         raise ValueError(f'the backbone of this mmseg 0.x checkpoint does not fit ResTV2 '
                          f'{arch!r}: unexplained keys {dropped + unknown}, missing (in our names) '

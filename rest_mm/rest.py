@@ -490,7 +490,7 @@ def _resolve_arch(arch: Union[str, dict], zoo: Dict[str, dict], model: str) -> d
             raise ValueError(f'{model}: arch[{key!r}] must be 4 whole numbers >= 1, got {values}')
     mlp_ratio = arch['mlp_ratio']
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or \
-            not int(arch['embed_dims'][0] * mlp_ratio) >= 1 or not math.isfinite(mlp_ratio):
+            not math.isfinite(mlp_ratio) or int(min(arch['embed_dims']) * mlp_ratio) < 1:
         raise ValueError(f'{model}: arch[\'mlp_ratio\'] must be a positive number (hidden width '
                          f'= embed dim x mlp_ratio >= 1), got {mlp_ratio!r}')
     for dim, heads in zip(arch['embed_dims'], arch['num_heads']):
@@ -561,8 +561,6 @@ class _ResTBase(BaseModule):
             _check_rate(rate_name, rate, name)
         self.pretrained_cfg = _pretrained_cfg(init_cfg, name)
         self.in_channels = in_channels
-        self.drop_rate = drop_rate
-        self.attn_drop_rate = attn_drop_rate
         self.drop_path_rate = drop_path_rate
         self.frozen_stages = frozen_stages
         self.norm_eval = norm_eval
