@@ -21,8 +21,9 @@ from mmengine.logging import print_log
 from mmengine.runner import CheckpointLoader
 from torch import nn
 
-from .checkpoint_files import CheckpointFileError, read_local_checkpoint
-from .runtime import allow_mmengine_checkpoints
+from . import presets
+from .checkpoint_files import (CheckpointFileError, allow_mmengine_checkpoints,
+                               read_local_checkpoint)
 
 _WRAPPER_KEYS = ('state_dict', 'model')
 # Whole-model checkpoints keep the backbone under one of these prefixes, most specific first.
@@ -136,13 +137,8 @@ def describe_weights(state_dict: Mapping) -> Tuple[str, dict]:
 
 def matching_preset(state_dict: Mapping) -> Tuple[str, Optional[str]]:
     """The model class converted weights are for, and the preset they fit (None: none)."""
-    from .rest import ResT, ResTV2
     model_name, found = describe_weights(state_dict)
-    zoo = (ResT if model_name == 'ResT' else ResTV2).arch_zoo
-    preset = next((name for name, arch in zoo.items()
-                   if tuple(arch['embed_dims']) == found['embed_dims']
-                   and tuple(arch['depths']) == found['depths']), None)
-    return model_name, preset
+    return model_name, presets.matching_preset(model_name, found['embed_dims'], found['depths'])
 
 
 def suggest_arch(state_dict: Mapping) -> str:
@@ -155,15 +151,12 @@ def suggest_arch(state_dict: Mapping) -> str:
             f'depths={found["depths"]}, which is no preset: pass them in an arch dict')
 
 
-def backbone_key_problems(weights: Mapping, model_name: str, preset: str, **kwargs
+def backbone_key_problems(weights: Mapping, model: nn.Module
                           ) -> Tuple[List[str], List[str], List[str]]:
-    """``(unknown, missing, mis-shaped)`` keys of converted weights against the model
-    ``model_name(arch=preset, **kwargs)``, built on the meta device (names and shapes only,
-    no memory). Whole-model converters call it so that a backbone key no rule explains is
-    an error at conversion, not at loading."""
-    from .rest import ResT, ResTV2
-    with torch.device('meta'):
-        model = (ResT if model_name == 'ResT' else ResTV2)(arch=preset, **kwargs)
+    """``(unknown, missing, mis-shaped)`` keys of converted weights against ``model`` (which
+    may live on the meta device: only names and shapes are read). Whole-model converters
+    call it so that a backbone key no rule explains is an error at conversion, not at
+    loading."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     unknown = [k for k in weights if k not in expected]
     missing = [k for k in expected if k not in weights]

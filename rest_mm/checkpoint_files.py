@@ -17,15 +17,17 @@ Three kinds of local file are read (:func:`read_local_checkpoint`):
   Values stay numpy arrays; the converters turn them into tensors.
 
 torch files are loaded with ``weights_only=True`` (mmengine's training-state types are
-allow-listed by :func:`rest_mm.runtime.allow_mmengine_checkpoints`).
+allow-listed by :func:`allow_mmengine_checkpoints`).
 """
 import importlib
 import pickle
 import zipfile
-from typing import Any, Optional
+from typing import Any, List, Optional
 
 import torch
+from mmengine.logging import HistoryBuffer
 
+_DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
 # torch's legacy format starts with a pickled magic number (torch/serialization.py).
 _LEGACY_TORCH_MAGIC = 0x1950a86a20f9469cfc6c
 _ZIP_SIGNATURE = b'PK\x03\x04'
@@ -141,3 +143,45 @@ def read_local_checkpoint(path: str, map_location: Optional[str] = 'cpu',
     if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC:
         return torch.load(path, map_location=map_location, weights_only=True)
     return first
+
+
+def _history_buffer_method(owner, name: str):
+    """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
+    allowed = set(_DEFAULT_STATISTICS) | set(HistoryBuffer._statistics_methods)
+    if owner is not HistoryBuffer or name not in allowed:
+        raise RuntimeError(
+            f'checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics '
+            f'methods ({", ".join(sorted(allowed))}) are allowed when loading with '
+            f'weights_only=True')
+    return getattr(HistoryBuffer, name)
+
+
+def checkpoint_safe_globals() -> List[object]:
+    """The globals that mmengine 0.10.7's checkpoints pickle besides tensors and dicts."""
+    import collections
+
+    import numpy as np
+    from numpy.core.multiarray import _reconstruct, scalar
+    # Unpickling a dtype builds an instance of its class (numpy.dtypes.Float64DType, ...),
+    # so the classes of the numeric dtypes are allowed too.
+    numeric_dtype_classes = [type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG']
+    return [
+        HistoryBuffer,
+        (_history_buffer_method, 'builtins.getattr'),
+        np.ndarray, np.dtype, _reconstruct, scalar, *numeric_dtype_classes,
+        collections.Counter,  # MultiStepLR's milestones in param scheduler states
+    ]
+
+
+def allow_mmengine_checkpoints() -> None:
+    """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints.
+
+    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 turns
+    on, and its message hub pickles ``HistoryBuffer`` objects (numpy arrays inside, and
+    statistics methods pickled as ``getattr(HistoryBuffer, 'mean')``). Exactly those types
+    are allowed; ``getattr`` resolves to :func:`_history_buffer_method`, which returns
+    HistoryBuffer's statistics methods only (a free ``getattr`` would reach anything).
+    Idempotent; :func:`rest_mm.checkpoint.read_checkpoint` and the tools call it before
+    anything is loaded or resumed.
+    """
+    torch.serialization.add_safe_globals(checkpoint_safe_globals())

@@ -1,7 +1,13 @@
-"""RetinaNet's head with detectron2's order of post-processing (needs mmdet)."""
+"""RetinaNet's head with detectron2's order of post-processing (needs mmdet).
+
+Configs use it after ``custom_imports=dict(imports=['rest_mm', 'rest_mm.dense_heads'])``,
+which registers it in mmdet's ``MODELS``.
+"""
 from mmdet.models.dense_heads import RetinaHead
+from mmdet.registry import MODELS
 
 
+@MODELS.register_module()
 class LateClippingRetinaHead(RetinaHead):
     """A ``RetinaHead`` that clips boxes to the image after NMS, as detectron2 does.
 

@@ -35,6 +35,7 @@ import torch
 
 from .checkpoint import (as_tensors, backbone_key_problems, convert_checkpoint,
                          describe_weights, is_v1, matching_preset)
+from .rest import BACKBONES
 
 # ---------------------------------------------------------------------------------------
 # Facts: detectron2 -> mmdet key names, anchors, configs, evaluation defaults.
@@ -199,8 +200,9 @@ def _check_backbone_keys(backbone: Mapping, origins: Mapping, model_name: str, p
                          out_indices: Tuple[int, ...]):
     """Every converted backbone key, with its shape, is one the matching model has."""
     extra = dict(norm_in_path=True) if model_name == 'ResT' else {}
-    unknown, missing, mis_shaped = backbone_key_problems(
-        backbone, model_name, preset, out_indices=out_indices, **extra)
+    with torch.device('meta'):
+        model = BACKBONES[model_name](arch=preset, out_indices=out_indices, **extra)
+    unknown, missing, mis_shaped = backbone_key_problems(backbone, model)
     if unknown or missing or mis_shaped:
         raise ValueError(
             f'detectron2 backbone does not fit {model_name}(arch={preset!r}, out_indices='

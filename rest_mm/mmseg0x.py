@@ -22,6 +22,7 @@ import torch
 
 from .checkpoint import (backbone_key_problems, convert_checkpoint, describe_weights, is_v1,
                          matching_preset)
+from .rest import ResTV2
 
 SOURCE = 'mmseg0.x'
 # The configs that train and evaluate the released models, by ResTV2 preset.
@@ -82,8 +83,9 @@ def _convert_backbone(backbone: Dict[str, torch.Tensor]) -> Tuple['OrderedDict',
         _, found = describe_weights(converted)
         raise ValueError(f'the backbone has embed_dims={found["embed_dims"]} and depths='
                          f'{found["depths"]}, which is no ResTV2 preset')
-    unknown, missing, mis_shaped = backbone_key_problems(converted, 'ResTV2', arch,
-                                                         out_indices=(0, 1, 2, 3))
+    with torch.device('meta'):
+        model = ResTV2(arch=arch, out_indices=(0, 1, 2, 3))
+    unknown, missing, mis_shaped = backbone_key_problems(converted, model)
     unknown = [f'backbone.{authors_key[id(converted[k])]}' for k in unknown + mis_shaped]
     missing = [f'backbone.{k}' for k in missing]
     if dropped or unknown or missing:

@@ -1,22 +1,21 @@
 """ResT (NeurIPS 2021) and ResTv2 (NeurIPS 2022) as dense-prediction backbones.
 
 The file reads top-down like the architecture: the positional encoding, the MLP, the two
-attentions, the block, the stems and patch embeddings, the stage, then the two models and
-their presets. Every module works on channels-last maps ``B×h×w×C`` (the memory layout
+attentions, the block, the stems and patch embeddings, the stage, then the two models (their
+presets are in ``rest_mm/presets.py``, v1's fused attention kernel in
+``rest_mm/fused_attention.py``). Every module works on channels-last maps ``B×h×w×C`` (the memory layout
 of the paper's ``B×N×C`` tokens), so the linear layers need no reshape and the convolutions
 see a channels-last NCHW view of the same memory, with no copy either way.
 
 Sizes are always read from the tensors, never derived as ``H // stride``: that is what lets
 the models take inputs of any size with no padding and no interpolation.
 """
-import copy
 import math
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 import torch.utils.checkpoint as cp
-from torch.autograd.function import once_differentiable
 from mmcv.cnn.bricks import DropPath
 from mmengine.model import BaseModule
 from mmengine.model.weight_init import constant_init, trunc_normal_init
@@ -24,6 +23,8 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import load_pretrained
+from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
+from .presets import ARCH_ZOOS, resolve_arch
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -155,106 +156,6 @@ class ReducedKVAttention(nn.Module):
         return x.transpose(1, 2).reshape(B, h, w, n * d)
 
 
-def _row_blocks(x: torch.Tensor, rows: int) -> Sequence[torch.Tensor]:
-    """``x`` (``B×n×N×d``) in blocks of ``rows`` query rows; no split op for one block, so
-    that a traced graph keeps its sizes free."""
-    return (x, ) if rows >= x.shape[2] else x.split(rows, dim=2)
-
-
-def _mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                          mix: torch.Tensor, rows: int, drop: float, eps: float,
-                          keep_for_backward: bool = False):
-    """v1's mixed-head attention, ``rows`` query rows at a time (see ``EMSA``).
-
-    Returns the output, what it is before the per-head scale, that scale
-    ``rsqrt(var + eps)``, and, with ``keep_for_backward``, each block's softmax map and
-    dropout mask (already divided by the keep probability).
-    """
-    B, n, N, _ = q.shape
-    num_keys = k.shape[2]
-    batch_mix = mix.expand(B, n, n)
-    keys_t = k.transpose(-2, -1)
-    blocks, kept, sum_sq = [], [], 0.
-    for q_rows in _row_blocks(q, rows):
-        logits = torch.matmul(q_rows, keys_t)
-        probs = torch.bmm(batch_mix, logits.flatten(2)).view_as(logits).softmax(dim=-1)
-        centered = probs - 1. / num_keys
-        # a norm per row, then a sum over rows: one float32 accumulation over a whole
-        # block (millions of elements) loses ~1e-4 of the variance, and the norm divides by it
-        sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=-1).square().sum(dim=-1)
-        keep = None
-        if drop > 0:
-            # dropout of the normalised map: the per-head scale commutes with it
-            keep = torch.empty_like(centered).bernoulli_(1 - drop).div_(1 - drop)
-            centered = centered * keep
-        blocks.append(torch.matmul(centered, v))
-        if keep_for_backward:
-            kept += [probs, keep]
-    inv_std = torch.rsqrt(sum_sq / (N * num_keys) + eps).view(B, n, 1, 1)
-    unscaled = torch.cat(blocks, dim=2)
-    return unscaled * inv_std, unscaled, inv_std, kept
-
-
-class _MixedHeadAttention(torch.autograd.Function):
-    """``_mixed_head_attention`` with a hand-written backward that keeps one map per block
-    (the softmax) instead of autograd's three (logits, softmax, centred map): a third of
-    the training memory of v1's attention, at the same speed (README, "Performance"). The
-    logits are recomputed block by block for the mixing's gradient.
-    """
-
-    @staticmethod
-    def forward(ctx, q, k, v, mix, rows, drop, eps):
-        out, unscaled, inv_std, kept = _mixed_head_attention(q, k, v, mix, rows, drop, eps,
-                                                             keep_for_backward=True)
-        ctx.rows, ctx.drop = rows, drop
-        # mixed precision: the backward runs under the forward's autocast state, as
-        # torch.amp.custom_bwd would do for one fixed device type
-        device = q.device.type
-        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
-                            enabled=torch.is_autocast_enabled(device))
-        ctx.save_for_backward(q, k, v, mix, unscaled, inv_std, *kept)
-        return out
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_out):
-        with torch.autocast(**ctx.autocast):
-            return _MixedHeadAttention._backward(ctx, grad_out)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        q, k, v, mix, unscaled, inv_std, *kept = ctx.saved_tensors
-        B, n, N, _ = q.shape
-        num_keys = k.shape[2]
-        grad = grad_out * inv_std
-        # through var = Σ(P - 1/N')² / (N·N'): each map gets ``coef · (P - 1/N')``; the
-        # constant part is the same along a softmax row, which the softmax's backward removes
-        d_inv_std = (grad_out * unscaled).sum(dim=(-2, -1), keepdim=True)
-        coef = d_inv_std * inv_std.pow(3) * (-1. / (N * num_keys))
-        keys_t, values_t = k.transpose(-2, -1), v.transpose(-2, -1)
-        mix_t = mix.t().expand(B, n, n)
-        d_q, d_k, d_v, d_mix = [], torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mix)
-        blocks = zip(_row_blocks(q, ctx.rows), _row_blocks(grad, ctx.rows), kept[0::2], kept[1::2])
-        for q_rows, grad_rows, probs, keep in blocks:
-            d_probs = torch.matmul(grad_rows, values_t)
-            if keep is None:
-                d_v += torch.matmul(probs.transpose(-2, -1), grad_rows)
-            else:
-                d_v += torch.matmul(((probs - 1. / num_keys) * keep).transpose(-2, -1), grad_rows)
-                d_probs *= keep
-            d_probs.addcmul_(probs, coef)
-            d_mixed = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1,
-                                                   probs.dtype)
-            logits = torch.matmul(q_rows, keys_t)
-            d_mix += torch.bmm(d_mixed.flatten(2), logits.flatten(2).transpose(1, 2)).sum(0)
-            d_logits = torch.bmm(mix_t, d_mixed.flatten(2)).view_as(logits)
-            d_q.append(torch.matmul(d_logits, k))
-            d_k += torch.matmul(d_logits.transpose(-2, -1), q_rows)
-        if ctx.drop == 0:  # the centring, ``- 1/N'``, applied to the values' gradient at once
-            d_v -= grad.sum(dim=2, keepdim=True) / num_keys
-        return torch.cat(d_q, dim=2), d_k, d_v, d_mix, None, None, None
-
-
 class EMSA(ReducedKVAttention):
     """ResT v1's efficient multi-head self-attention.
 
@@ -263,20 +164,7 @@ class EMSA(ReducedKVAttention):
     head's ``N×N'`` map before ``@ v``. Without head mixing the attention is plain scaled
     dot-product (``F.scaled_dot_product_attention``).
 
-    The mixed-head attention computes the same function with far fewer passes over
-    memory (``_mixed_head_attention``):
-
-    * the 1×1 conv over heads is an ``n×n`` matrix product along the head axis, with the
-      attention scale folded into that matrix; its bias, one constant per head, cancels
-      in the softmax and is left out;
-    * after a softmax every row sums to 1, so each head's map has mean exactly ``1/N'``:
-      the instance norm is ``(P - 1/N') * rsqrt(var + eps)``, and since the scale is one
-      number per head it moves past ``@ v``; only the variance needs the whole map;
-    * the map is processed a block of query rows at a time, small enough to stay in
-      cache, accumulating each head's sum of squared deviations; the full ``N×N'`` map is
-      never materialised, which also bounds inference memory;
-    * for training, a hand-written backward (``_MixedHeadAttention``) keeps only the
-      softmax of each block.
+    With head mixing it runs the fused kernel of ``rest_mm.fused_attention``.
     """
 
     # Attention-map elements per block of query rows (16 MiB in float32): small enough to
@@ -308,8 +196,8 @@ class EMSA(ReducedKVAttention):
         drop = self.attn_drop if self.training else 0.
         needs_grad = any(t.requires_grad for t in (q, k, v, mix))
         if torch.is_grad_enabled() and needs_grad and not tracing:
-            return _MixedHeadAttention.apply(q, k, v, mix, rows, drop, self.instance_norm_eps)
-        return _mixed_head_attention(q, k, v, mix, rows, drop, self.instance_norm_eps)[0]
+            return MixedHeadAttentionFunction.apply(q, k, v, mix, rows, drop, self.instance_norm_eps)
+        return mixed_head_attention(q, k, v, mix, rows, drop, self.instance_norm_eps)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         _, h, w, _ = x.shape
@@ -459,44 +347,8 @@ class Stage(nn.Module):
         return x
 
 
-ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'sr_ratios', 'mlp_ratio')
-
-
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _resolve_arch(arch: Union[str, dict], zoo: Dict[str, dict], model: str) -> dict:
-    """A preset by name, or a user dict validated to have exactly the preset keys and
-    values that build a model (positive whole numbers, heads that divide the widths)."""
-    if isinstance(arch, str):
-        if arch.lower() not in zoo:
-            raise KeyError(f'{model}: unknown arch {arch!r}; choose one of '
-                           f'{sorted(zoo)} or pass a dict with keys {list(ARCH_KEYS)}')
-        return copy.deepcopy(zoo[arch.lower()])
-    if not isinstance(arch, dict):
-        raise TypeError(f'{model}: arch must be a preset name or a dict, got {type(arch).__name__}')
-    missing = [k for k in ARCH_KEYS if k not in arch]
-    unknown = [k for k in arch if k not in ARCH_KEYS]
-    if missing or unknown:
-        raise KeyError(f'{model}: custom arch has missing keys {missing} and unknown keys '
-                       f'{unknown}; the keys are {list(ARCH_KEYS)}')
-    arch = copy.deepcopy(arch)
-    for key in ('embed_dims', 'depths', 'num_heads', 'sr_ratios'):
-        values = arch[key]
-        if not isinstance(values, (list, tuple)) or len(values) != 4:
-            raise ValueError(f'{model}: arch[{key!r}] needs one value per stage (4), got {values}')
-        if not all(_is_int(v) and v >= 1 for v in values):
-            raise ValueError(f'{model}: arch[{key!r}] must be 4 whole numbers >= 1, got {values}')
-    mlp_ratio = arch['mlp_ratio']
-    if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or \
-            not math.isfinite(mlp_ratio) or int(min(arch['embed_dims']) * mlp_ratio) < 1:
-        raise ValueError(f'{model}: arch[\'mlp_ratio\'] must be a positive number (hidden width '
-                         f'= embed dim x mlp_ratio >= 1), got {mlp_ratio!r}')
-    for dim, heads in zip(arch['embed_dims'], arch['num_heads']):
-        if dim % heads:
-            raise ValueError(f'{model}: embed dim {dim} is not divisible by {heads} heads')
-    return arch
 
 
 def _check_rate(name: str, value: float, model: str):
@@ -541,7 +393,6 @@ class _ResTBase(BaseModule):
     Subclasses build ``self.stem`` and ``self.stages`` and name their output norms.
     """
 
-    arch_zoo: Dict[str, dict] = {}
     norm_eps: float = 1e-5
     norm_in_path: bool = False
 
@@ -549,7 +400,7 @@ class _ResTBase(BaseModule):
                  drop_path_rate, frozen_stages, norm_eval, with_cp, init_cfg):
         super().__init__(init_cfg=init_cfg)
         name = type(self).__name__
-        self.arch = _resolve_arch(arch, self.arch_zoo, name)
+        self.arch = resolve_arch(arch, name)
         self.embed_dims = tuple(self.arch['embed_dims'])
         self.out_indices = _resolve_out_indices(out_indices, name)
         if not _is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
@@ -566,16 +417,25 @@ class _ResTBase(BaseModule):
         self.norm_eval = norm_eval
         self.with_cp = with_cp
 
-    def _drop_path_rates(self):
+    def _build_stages(self, attention: Callable[[int], nn.Module],
+                      downsample: Callable[[int], nn.Module], drop_rate: float):
+        """The four stages (``attention(i)`` and ``downsample(i)`` build stage ``i``'s
+        parts), the output norms, and the freezing."""
         depths = self.arch['depths']
         total = sum(depths)
+        # stochastic depth rises linearly over all blocks of all stages
         rates = [self.drop_path_rate * j / max(total - 1, 1) for j in range(total)]
-        starts = [sum(depths[:i]) for i in range(4)]
-        return [rates[s:s + d] for s, d in zip(starts, depths)]
-
-    def _add_output_norms(self):
+        self.stages = nn.ModuleList()
+        for i, depth in enumerate(depths):
+            first = sum(depths[:i])
+            blocks = [
+                Block(self.embed_dims[i], attention(i), self.arch['mlp_ratio'], self.norm_eps,
+                      drop_rate, rate) for rate in rates[first:first + depth]
+            ]
+            self.stages.append(Stage(downsample(i) if i > 0 else None, blocks, self.with_cp))
         for i in self.out_indices:
             self.add_module(f'norm{i}', nn.LayerNorm(self.embed_dims[i], eps=self.norm_eps))
+        self._freeze_stages()
 
     def _freeze_stages(self):
         if self.frozen_stages < 0:
@@ -685,16 +545,7 @@ class ResT(_ResTBase):
     """
 
     fresh_norm_indices = (0, 1, 2)
-    arch_zoo = {
-        'lite': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 2, 2),
-                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'small': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2),
-                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'base': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2),
-                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'large': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2),
-                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-    }
+    arch_zoo = ARCH_ZOOS['ResT']
     norm_eps = 1e-5
 
     def __init__(self,
@@ -718,18 +569,10 @@ class ResT(_ResTBase):
         self.norm_in_path = norm_in_path
         dims, a = self.embed_dims, self.arch
         self.stem = ResTStem(in_channels, dims[0])
-        self.stages = nn.ModuleList()
-        for i, rates in enumerate(self._drop_path_rates()):
-            blocks = [
-                Block(dims[i],
-                      EMSA(dims[i], a['num_heads'][i], a['sr_ratios'][i], qkv_bias,
+        self._build_stages(
+            lambda i: EMSA(dims[i], a['num_heads'][i], a['sr_ratios'][i], qkv_bias,
                            apply_transform, self.norm_eps, attn_drop_rate, drop_rate),
-                      a['mlp_ratio'], self.norm_eps, drop_rate, rate) for rate in rates
-            ]
-            downsample = ResTPatchEmbed(dims[i - 1], dims[i]) if i > 0 else None
-            self.stages.append(Stage(downsample, blocks, with_cp))
-        self._add_output_norms()
-        self._freeze_stages()
+            lambda i: ResTPatchEmbed(dims[i - 1], dims[i]), drop_rate)
 
 
 class ResTV2(_ResTBase):
@@ -762,16 +605,7 @@ class ResTV2(_ResTBase):
     """
 
     fresh_norm_indices = (0, 1, 2, 3)
-    arch_zoo = {
-        'tiny': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 6, 2),
-                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'small': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 12, 2),
-                      num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'base': dict(embed_dims=(96, 192, 384, 768), depths=(1, 3, 16, 3),
-                     num_heads=(1, 2, 4, 8), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-        'large': dict(embed_dims=(128, 256, 512, 1024), depths=(2, 3, 16, 2),
-                      num_heads=(2, 4, 8, 16), sr_ratios=(8, 4, 2, 1), mlp_ratio=4.),
-    }
+    arch_zoo = ARCH_ZOOS['ResTV2']
     norm_eps = 1e-6
 
     def __init__(self,
@@ -792,16 +626,11 @@ class ResTV2(_ResTBase):
                          norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
         dims, a = self.embed_dims, self.arch
         self.stem = ResTV2Stem(in_channels, dims[0], self.norm_eps)
-        self.stages = nn.ModuleList()
-        for i, rates in enumerate(self._drop_path_rates()):
-            blocks = [
-                Block(dims[i],
-                      UpsampledValueAttention(dims[i], a['num_heads'][i], a['sr_ratios'][i],
+        self._build_stages(
+            lambda i: UpsampledValueAttention(dims[i], a['num_heads'][i], a['sr_ratios'][i],
                                               qkv_bias, self.norm_eps, attn_drop_rate,
                                               drop_rate),
-                      a['mlp_ratio'], self.norm_eps, drop_rate, rate) for rate in rates
-            ]
-            downsample = ResTV2PatchEmbed(dims[i - 1], dims[i], self.norm_eps) if i > 0 else None
-            self.stages.append(Stage(downsample, blocks, with_cp))
-        self._add_output_norms()
-        self._freeze_stages()
+            lambda i: ResTV2PatchEmbed(dims[i - 1], dims[i], self.norm_eps), drop_rate)
+
+
+BACKBONES = {'ResT': ResT, 'ResTV2': ResTV2}

@@ -1,40 +1,8 @@
-"""What ``tools/train.py`` and ``tools/test.py`` add to mmengine's Runner.
-
-Three gaps between mmengine 0.10.7 and the stack it runs on here, each closed as narrowly
-as we could:
-
-* **Resuming on torch >= 2.6.** ``torch.load`` now defaults to ``weights_only=True`` and
-  mmengine calls it without the argument, so torch refuses mmengine's own checkpoints:
-  their message hub pickles ``HistoryBuffer`` objects (numpy arrays inside, and the
-  buffer's statistics methods, which pickle as ``getattr(HistoryBuffer, 'mean')``).
-  :func:`allow_mmengine_checkpoints` allow-lists exactly those types. ``getattr`` itself
-  is never allowed (it would reach any attribute of any object, i.e. arbitrary code):
-  the pickle's ``builtins.getattr`` resolves to :func:`_history_buffer_method`, which
-  returns only ``HistoryBuffer``'s registered statistics methods and refuses anything
-  else. Loading stays ``weights_only``.
-* **Distributed training without CUDA.** mmengine's ``init_dist`` calls
-  ``torch.cuda.set_device`` unconditionally, which does not exist in a CPU build, and
-  its Runner passes ``device_ids=[LOCAL_RANK]`` to DDP, which CPU modules must not get.
-  On a machine without CUDA :func:`adapt_config_to_device` sets the gloo backend and a
-  ``model_wrapper_cfg`` with ``device_ids=None`` (a plain config entry, logged with the
-  config), and :func:`init_distributed` initialises the process group before the Runner
-  is built, running mmengine's own launcher logic (torchrun / slurm / mpi environment
-  variables) with ``torch.cuda.set_device`` made a no-op for that call only. The Runner
-  then finds the group initialised and skips its own ``init_dist``.
-* **SyncBN on CPU.** SyncBN needs CUDA; mmengine reverts it to BN only when not
-  distributed. Without CUDA every ``SyncBN`` in the config becomes ``BN`` (equal
-  statistics in a single process; per-process statistics under gloo, as DDP's BN).
-* **The test metrics json under a distributed launcher.** mmengine's ``LoggerHook``
-  dumps the test metrics to ``<timestamp>.json`` from every rank into the same file; two
-  processes truncating and writing one file left it corrupt (a stray ``}`` seen in CI).
-  :func:`write_test_metrics_from_rank_zero` makes the config's logger hook
-  :class:`RankZeroLoggerHook`, which writes it from rank 0 only.
-
-It also checks, before anything is built, that the datasets and checkpoints a run needs
-exist, so a wrong path fails with a message that names it and says how to get the data;
-that no tool writes over what it reads (:func:`refuse_output_over_inputs`, one rule for
-every tool); and it removes what a run that fails before it starts left in the work dir
-(:func:`removed_if_start_fails`).
+"""What the tools add to mmengine's Runner: config loading and adaptation to a machine
+without CUDA (gloo, no ``torch.cuda.set_device``, SyncBN as BN), a logger hook that writes
+the test metrics from rank 0 only, checks of data and checkpoint paths before anything is
+built, one rule that no tool writes over what it reads, and removal of what a run that
+failed to start left behind. README, "Train, test, distributed", says why each is needed.
 """
 import fnmatch
 import os
@@ -49,11 +17,10 @@ import torch
 from mmengine.config import Config, ConfigDict
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook, LoggerHook
-from mmengine.logging import HistoryBuffer, print_log
+from mmengine.logging import print_log
 from mmengine.registry import HOOKS
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
-_DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
 _TOY_DATA_HINT = 'generate it with `python tools/make_toy_data.py` (or `make demo`)'
 _DATA_HINTS = {
     'mmdet': ('download COCO 2017 (https://cocodataset.org) into data/coco/ as described in '
@@ -61,45 +28,6 @@ _DATA_HINTS = {
     'mmseg': ('download ADEChallengeData2016 into data/ade/ as described in '
               "mmseg's docs (user_guides/2_dataset_prepare.md)"),
 }
-
-
-# ---------------------------------------------------------------------------------------
-# Resuming: which globals mmengine's checkpoints hold.
-# ---------------------------------------------------------------------------------------
-def _history_buffer_method(owner, name: str):
-    """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
-    allowed = set(_DEFAULT_STATISTICS) | set(HistoryBuffer._statistics_methods)
-    if owner is not HistoryBuffer or name not in allowed:
-        raise RuntimeError(
-            f'checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics '
-            f'methods ({", ".join(sorted(allowed))}) are allowed when loading with '
-            f'weights_only=True')
-    return getattr(HistoryBuffer, name)
-
-
-def checkpoint_safe_globals() -> List[object]:
-    """The globals that mmengine 0.10.7's checkpoints pickle besides tensors and dicts."""
-    import collections
-
-    import numpy as np
-    from numpy.core.multiarray import _reconstruct, scalar
-    # Unpickling a dtype builds an instance of its class (numpy.dtypes.Float64DType, ...),
-    # so the classes of the numeric dtypes are allowed too.
-    numeric_dtype_classes = [type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG']
-    return [
-        HistoryBuffer,
-        (_history_buffer_method, 'builtins.getattr'),
-        np.ndarray, np.dtype, _reconstruct, scalar, *numeric_dtype_classes,
-        collections.Counter,  # MultiStepLR's milestones in param scheduler states
-    ]
-
-
-def allow_mmengine_checkpoints() -> None:
-    """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints.
-
-    Idempotent. Called by the tools before the Runner loads or resumes anything.
-    """
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
 
 
 # ---------------------------------------------------------------------------------------

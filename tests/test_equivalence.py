@@ -6,7 +6,9 @@ import torch.nn.functional as F
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
 from rest_mm.checkpoint import load_converted_state_dict
+from rest_mm.fused_attention import mixed_head_attention
 from rest_mm.rest import EMSA
+from rest_mm.testing import straightforward
 
 CASES = [
     ('rest_v1_tiny.pt', ResT, dict(apply_transform=True)),
@@ -110,11 +112,10 @@ def _randomised_detection_backbone(straightforward, version, reference_arch):
 
 
 @pytest.mark.parametrize('cls, version', [(ResT, 1), (ResTV2, 2)])
-def test_detectron2_backbones_are_reproduced(load_tool, reference_arch, cls, version):
+def test_detectron2_backbones_are_reproduced(reference_arch, cls, version):
     """The authors' detectron2 backbones (their output norms numbered from 1, under
     ``backbone.bottom_up.``; v1's in the main path) equal ours after conversion: v1 with
     ``norm_in_path=True``, v2 as it is. Float64, odd input size."""
-    straightforward = load_tool('straightforward_rest')
     theirs = _randomised_detection_backbone(straightforward, version, reference_arch)
     checkpoint = {'model': {f'backbone.bottom_up.{k}': v for k, v in theirs.state_dict().items()}}
     kwargs = dict(norm_in_path=True) if cls is ResT else {}
@@ -136,10 +137,9 @@ def test_detectron2_backbones_are_reproduced(load_tool, reference_arch, cls, ver
             assert (a - b).abs().max().item() > 1e-2
 
 
-def test_output_norm_conversion_is_idempotent_and_keeps_trained_norms(load_tool, reference_arch):
+def test_output_norm_conversion_is_idempotent_and_keeps_trained_norms(reference_arch):
     """The authors' trained output norms land on ours (none dropped, none mixed up with the
     ImageNet ``norm``), and converting our own layout again changes nothing."""
-    straightforward = load_tool('straightforward_rest')
     theirs = _randomised_detection_backbone(straightforward, 1, reference_arch).state_dict()
     converted = convert_checkpoint({f'backbone.bottom_up.{k}': v for k, v in theirs.items()})
     for i, key in enumerate(('norm1', 'norm2', 'norm3', 'norm')):
@@ -159,13 +159,12 @@ def test_mixed_head_variance_is_accurate_in_float32_on_large_maps():
     which the instance norm divides by, must keep float32 accuracy (a single float32
     accumulation over a block loses ~1e-4 of it, which moved real detectron2 boxes by
     pixels). Compared with the float64 computation of the same function."""
-    from rest_mm.rest import _mixed_head_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(1, 2, n, 16) for n in (4096, 1024, 1024))
     mix = torch.tensor([[1.0, -0.5], [0.3, 0.8]]) * 0.25
     rows = 4096  # one block of 4M map elements per head
-    inv_std32 = _mixed_head_attention(q, k, v, mix, rows, 0., 1e-5)[2]
-    inv_std64 = _mixed_head_attention(q.double(), k.double(), v.double(), mix.double(), rows,
+    inv_std32 = mixed_head_attention(q, k, v, mix, rows, 0., 1e-5)[2]
+    inv_std64 = mixed_head_attention(q.double(), k.double(), v.double(), mix.double(), rows,
                                       0., 1e-5)[2]
     relative = ((inv_std32.double() - inv_std64) / inv_std64).abs().max().item()
     assert relative < 1e-6, relative

@@ -6,7 +6,7 @@ their output norms ``norm_1..4``; the keys mmseg 0.x's UPerHead and FCNHead writ
 here from their structure; ``meta`` with ``CLASSES`` and ``PALETTE`` as mmseg 0.x writes
 it) converts, loads strictly into the model of our config, and computes what a plain
 reference computes from the original weights: the authors' backbone as
-tools/straightforward_rest.py writes it op by op, and UperNet's heads written out below
+rest_mm/testing/straightforward.py writes it op by op, and UperNet's heads written out below
 from mmseg 0.x's definitions. A slow test runs the converted file through
 tools/convert_weights.py and tools/test.py (single-scale and --tta) on toy ADE data.
 """
@@ -24,6 +24,7 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 
 from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
+from rest_mm.testing import straightforward
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = 'configs/segmentation/upernet_restv2_tiny_ade20k.py'
@@ -111,10 +112,9 @@ def build_segmentor(num_classes: int = 150):
 
 
 # --- the reference computation -----------------------------------------------------------
-def _authors_backbone(state_dict: dict, load_tool) -> torch.nn.Module:
+def _authors_backbone(state_dict: dict) -> torch.nn.Module:
     """The authors' backbone op by op, loaded with the checkpoint's backbone weights."""
-    tool = load_tool('straightforward_rest')
-    model = tool.StraightforwardResT(2, detection_norms=True, **tool.V2_ARCHS['tiny']).eval()
+    model = straightforward.build('restv2_tiny', detection_norms=True).eval()
     weights = {re.sub(r'^norm_(\d)\.', r'norm_\1.0.', k[len('backbone.'):]): v
                for k, v in state_dict.items() if k.startswith('backbone.')}
     missing, unexpected = model.load_state_dict(weights, strict=False)
@@ -193,14 +193,14 @@ def test_converts_every_key_and_loads_strictly(checkpoint):
         assert converted[f'backbone.norm{i}.weight'] is state_dict[f'backbone.norm_{i + 1}.weight']
 
 
-def test_converted_segmentor_computes_what_the_authors_model_computes(checkpoint, load_tool):
+def test_converted_segmentor_computes_what_the_authors_model_computes(checkpoint):
     converted, _ = convert_mmseg0x_segmentor(checkpoint)
     model = build_segmentor()
     model.load_state_dict(converted, strict=True)
     sd = checkpoint['state_dict']
     image = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
-        reference_features = _authors_backbone(sd, load_tool)(image)
+        reference_features = _authors_backbone(sd)(image)
         features = model.extract_feat(image)
         for ours, theirs in zip(features, reference_features):
             torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)

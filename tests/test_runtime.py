@@ -13,6 +13,7 @@ from mmengine.registry import HOOKS
 from PIL import Image
 
 from rest_mm import runtime
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.toy_data import CLASSES, ToyDataSpec, generate_toy_datasets, read_manifest
 
 REPO = Path(__file__).resolve().parents[1]
@@ -64,7 +65,7 @@ def test_allow_list_reads_mmengine_checkpoints(tmp_path, restored_safe_globals):
     with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer|numpy|Counter'):
         torch.load(path, weights_only=True)  # torch >= 2.6's default refuses it
 
-    runtime.allow_mmengine_checkpoints()
+    allow_mmengine_checkpoints()
     loaded = torch.load(path, weights_only=True)
     buffer = loaded['message_hub']['log_scalars']['train/loss']
     assert isinstance(buffer, HistoryBuffer)
@@ -85,7 +86,7 @@ class _Smuggler:
 def test_allow_list_does_not_allow_getattr(tmp_path, restored_safe_globals):
     path = tmp_path / 'evil.pth'
     torch.save({'x': _Smuggler()}, path)
-    runtime.allow_mmengine_checkpoints()
+    allow_mmengine_checkpoints()
     with pytest.raises(Exception, match='only HistoryBuffer statistics methods'):
         torch.load(path, weights_only=True)
 

@@ -12,6 +12,8 @@ from torch import nn
 from rest_mm import ResT, ResTV2, convert_checkpoint
 from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.flops import flop_analyzer
+from rest_mm.fused_attention import MixedHeadAttentionFunction, mixed_head_attention
+from rest_mm.testing import straightforward
 
 REFERENCES = [
     ('rest_v1_tiny.pt', ResT, dict(apply_transform=True), 1),
@@ -20,11 +22,6 @@ REFERENCES = [
 ]
 REFERENCE_IDS = [r[0] for r in REFERENCES]
 TOY_CONFIG = str(Path(__file__).resolve().parents[1] / 'configs/toy/retinanet_rest_small_toy.py')
-
-
-@pytest.fixture(scope='module')
-def straightforward(load_tool):
-    return load_tool('straightforward_rest')
 
 
 def _straightforward_from_reference(straightforward, reference, arch, version, kwargs):
@@ -49,7 +46,7 @@ def _as_ours(model, stage_maps):
 
 
 @pytest.mark.parametrize('name, cls, kwargs, version', REFERENCES, ids=REFERENCE_IDS)
-def test_straightforward_reproduces_reference_data(straightforward, reference_dir,
+def test_straightforward_reproduces_reference_data(reference_dir,
                                                    reference_arch, name, cls, kwargs, version,
                                                    float32_tolerance):
     """Within float32 rounding of the authors' float32 run, which another CPU's kernels
@@ -67,7 +64,7 @@ def test_straightforward_reproduces_reference_data(straightforward, reference_di
 
 
 @pytest.mark.parametrize('name, cls, kwargs, version', REFERENCES, ids=REFERENCE_IDS)
-def test_ours_is_the_straightforward_function(straightforward, reference_dir, reference_arch,
+def test_ours_is_the_straightforward_function(reference_dir, reference_arch,
                                               name, cls, kwargs, version, float32_tolerance):
     """Same weights, same outputs and same gradients: exact in float64 (where rounding
     cannot hide a difference), and in float32 within float32 rounding."""
@@ -96,7 +93,7 @@ def test_ours_is_the_straightforward_function(straightforward, reference_dir, re
                                        msg=key)
 
 
-def test_head_mixing_bias_cancels_in_the_softmax(straightforward):
+def test_head_mixing_bias_cancels_in_the_softmax():
     """The 1×1 conv's bias adds one constant per head to every logit; the softmax removes
     it, in the authors' model too. So ours leaves it out and keeps it frozen."""
     torch.manual_seed(0)
@@ -120,7 +117,7 @@ def test_head_mixing_bias_cancels_in_the_softmax(straightforward):
 def test_blocked_rows_give_the_same_outputs_and_gradients(cls, monkeypatch):
     """At detection sizes the attention maps and the MLP's hidden layer are computed a
     block of rows at a time; tiny blocks here force many blocks at a small size."""
-    from rest_mm import rest
+    from rest_mm import fused_attention, rest
     torch.manual_seed(0)
     model = cls(arch='lite' if cls is ResT else 'tiny').double().train()
     x = torch.randn(2, 3, 70, 98, dtype=torch.float64)
@@ -133,7 +130,7 @@ def test_blocked_rows_give_the_same_outputs_and_gradients(cls, monkeypatch):
 
     whole, whole_grads = outputs_and_grads()
     calls = []  # what ran blocked: ('Mlp', 1) per MLP block, ('EMSA', blocks) per call
-    original_mlp, original_row_blocks = rest.Mlp._mlp, rest._row_blocks
+    original_mlp, original_row_blocks = rest.Mlp._mlp, fused_attention._row_blocks
 
     def mlp_block(module, tokens):
         calls.append(('Mlp', 1))
@@ -145,7 +142,7 @@ def test_blocked_rows_give_the_same_outputs_and_gradients(cls, monkeypatch):
         return blocks
 
     monkeypatch.setattr(rest.Mlp, '_mlp', mlp_block)
-    monkeypatch.setattr(rest, '_row_blocks', row_blocks)
+    monkeypatch.setattr(fused_attention, '_row_blocks', row_blocks)
     monkeypatch.setattr(rest.Mlp, 'hidden_block_elements', 1000)
     monkeypatch.setattr(rest.EMSA, 'map_block_elements', 1000)
     blocked, blocked_grads = outputs_and_grads()
@@ -168,19 +165,18 @@ def test_mixed_head_backward_is_the_gradient(rows):
     """The hand-written backward of v1's mixed-head attention: numerical gradients
     (gradcheck), and with attention dropout the gradients autograd takes through the
     same forward, same random mask."""
-    from rest_mm.rest import _MixedHeadAttention, _mixed_head_attention
     torch.manual_seed(0)
     q, k, v = (torch.randn(2, 3, m, 5, dtype=torch.float64, requires_grad=True)
                for m in (13, 7, 7))
     mix = torch.randn(3, 3, dtype=torch.float64, requires_grad=True)
     assert torch.autograd.gradcheck(
-        lambda *t: _MixedHeadAttention.apply(*t, rows, 0., 1e-5), (q, k, v, mix))
+        lambda *t: MixedHeadAttentionFunction.apply(*t, rows, 0., 1e-5), (q, k, v, mix))
     grad_out = torch.randn(2, 3, 13, 5, dtype=torch.float64)
     torch.manual_seed(1)
-    ours = torch.autograd.grad(_MixedHeadAttention.apply(q, k, v, mix, rows, 0.3, 1e-5),
+    ours = torch.autograd.grad(MixedHeadAttentionFunction.apply(q, k, v, mix, rows, 0.3, 1e-5),
                                (q, k, v, mix), grad_out)
     torch.manual_seed(1)
-    expected = torch.autograd.grad(_mixed_head_attention(q, k, v, mix, rows, 0.3, 1e-5)[0],
+    expected = torch.autograd.grad(mixed_head_attention(q, k, v, mix, rows, 0.3, 1e-5)[0],
                                    (q, k, v, mix), grad_out)
     for a, b in zip(ours, expected):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
@@ -189,14 +185,13 @@ def test_mixed_head_backward_is_the_gradient(rows):
 def test_mixed_head_backward_under_autocast():
     """Mixed precision (``--amp``): the backward runs in the forward's autocast state
     and agrees with autograd through the same forward to bfloat16 precision."""
-    from rest_mm.rest import _MixedHeadAttention, _mixed_head_attention
     torch.manual_seed(0)
     inputs = [torch.randn(2, 4, m, 16, requires_grad=True) for m in (40, 12, 12)]
     inputs.append(torch.randn(4, 4, requires_grad=True))
     grad_out = torch.randn(2, 4, 40, 16)
     grads = []
-    for attention in (lambda *t: _MixedHeadAttention.apply(*t, 16, 0., 1e-5),
-                      lambda *t: _mixed_head_attention(*t, 16, 0., 1e-5)[0]):
+    for attention in (lambda *t: MixedHeadAttentionFunction.apply(*t, 16, 0., 1e-5),
+                      lambda *t: mixed_head_attention(*t, 16, 0., 1e-5)[0]):
         with torch.autocast('cpu', dtype=torch.bfloat16):
             out = attention(*inputs)
         grads.append(torch.autograd.grad(out, inputs, grad_out))
@@ -233,7 +228,7 @@ def test_sdpa_handle_counts_multiply_accumulates():
 
 
 @pytest.mark.parametrize('name', ['rest_small', 'restv2_tiny'])
-def test_flops_equal_the_straightforward_count(straightforward, name):
+def test_flops_equal_the_straightforward_count(name):
     """mmengine counts the straightforward model's explicit ops with its own handles; ours
     (SDPA, head mixing by bmm) must come to the same total."""
     from mmengine.analysis import FlopAnalyzer

@@ -3,7 +3,7 @@
 Models are named on the command line:
 
 * ours: ``rest_{lite,small,base,large}``, ``restv2_{tiny,small,base,large}``;
-* the straightforward implementation (tools/straightforward_rest.py) of the same:
+* the straightforward implementation (rest_mm/testing/straightforward.py) of the same:
   ``straightforward_rest_small``, ``straightforward_restv2_tiny``, ...;
 * mmdet's peers: ``pvt_small`` (PVT-S), ``pvtv2_b1`` (PVTv2-B1), ``swin_tiny`` (Swin-T);
 * a config file (``configs/detection/....py``): the whole model in ``tensor`` mode
@@ -46,11 +46,8 @@ import torch
 from torch import nn
 
 from rest_mm.runtime import refuse_output_over_inputs
+from rest_mm.testing import straightforward
 
-TOOLS_DIR = Path(__file__).resolve().parent
-sys.path.insert(0, str(TOOLS_DIR))
-
-import straightforward_rest  # noqa: E402
 
 OURS = [f'rest_{a}' for a in ('lite', 'small', 'base', 'large')] + [
     f'restv2_{a}' for a in ('tiny', 'small', 'base', 'large')]
@@ -102,7 +99,7 @@ def build_model(name: str) -> nn.Module:
     if name in OURS:
         return build_ours(name)
     if name.startswith(STRAIGHTFORWARD_PREFIX) and name[len(STRAIGHTFORWARD_PREFIX):] in OURS:
-        return straightforward_rest.build(name[len(STRAIGHTFORWARD_PREFIX):])
+        return straightforward.build(name[len(STRAIGHTFORWARD_PREFIX):])
     if name in PEERS:
         from mmdet.registry import MODELS
         from mmengine.registry import init_default_scope

@@ -26,7 +26,8 @@ from rich.progress import track
 
 # Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
-from rest_mm.runtime import allow_mmengine_checkpoints, refuse_output_over_inputs
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.runtime import refuse_output_over_inputs
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 LIBRARIES = ('mmdet', 'mmseg')

@@ -24,6 +24,7 @@ from mmengine.config import DictAction
 from mmengine.runner import Runner
 
 from rest_mm import runtime
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
 
 TOOLS = osp.dirname(osp.abspath(__file__))
@@ -71,7 +72,7 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
     train_tool, test_tool = _load_tool('train'), _load_tool('test')
-    runtime.allow_mmengine_checkpoints()
+    allow_mmengine_checkpoints()
 
     _banner(f'1/4 toy data under {args.data_root}/')
     data = generate_toy_datasets(args.data_root, ToyDataSpec())

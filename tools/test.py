@@ -22,6 +22,7 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from rest_mm import runtime
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 from rest_mm.detectron2 import check_preprocessing
 
@@ -125,7 +126,7 @@ def build_config(args) -> Config:
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime.allow_mmengine_checkpoints()
+    allow_mmengine_checkpoints()
     try:
         cfg = build_config(args)
         checkpoint = read_checkpoint(args.checkpoint, mmap=True)  # verified; data mapped

@@ -28,6 +28,7 @@ from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner, find_latest_checkpoint
 
 from rest_mm import runtime
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 
 # What the Runner writes directly in the work dir, besides the copy of the config.
@@ -124,7 +125,7 @@ def read_start_checkpoint(cfg: Config) -> Optional[Mapping]:
 
 def main(argv=None):
     args = parse_args(argv)
-    runtime.allow_mmengine_checkpoints()
+    allow_mmengine_checkpoints()
     try:
         cfg = build_config(args)
         checkpoint = read_start_checkpoint(cfg)

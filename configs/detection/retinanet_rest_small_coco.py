@@ -5,7 +5,7 @@
 # Published: 40.3 box AP, 23.4 M parameters.
 _base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
 
-custom_imports = dict(imports=['rest_mm'], allow_failed_imports=False)
+custom_imports = dict(imports=['rest_mm', 'rest_mm.dense_heads'], allow_failed_imports=False)
 
 # The authors' ImageNet-1k weights, as downloaded (the converter in rest_mm reads their
 # layout) or after `python tools/convert_weights.py`. Put the file here, or point the

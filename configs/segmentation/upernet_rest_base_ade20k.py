@@ -2,10 +2,9 @@
 # weights) with another arch and the head widths that go with it.
 _base_ = ['./upernet_rest_small_ade20k.py']
 
-checkpoint_file = 'checkpoints/rest_base.pth'
 model = dict(
     backbone=dict(
         arch='base',
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/rest_base.pth')),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384))

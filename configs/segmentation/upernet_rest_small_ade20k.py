@@ -2,7 +2,6 @@
 # the weights) with the v1 backbone and the head widths that go with it.
 _base_ = ['./upernet_restv2_tiny_ade20k.py']
 
-checkpoint_file = 'checkpoints/rest_small.pth'
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -10,6 +9,6 @@ model = dict(
         arch='small',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/rest_small.pth')),
     decode_head=dict(in_channels=[64, 128, 256, 512]),
     auxiliary_head=dict(in_channels=256))

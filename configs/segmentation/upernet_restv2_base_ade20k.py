@@ -5,9 +5,8 @@
 # Published: 49.6 mIoU (multi-scale + flip), 87.6 M parameters (auxiliary head included).
 _base_ = ['./upernet_restv2_tiny_ade20k.py']
 
-checkpoint_file = 'checkpoints/restv2_base.pth'
 model = dict(
     backbone=dict(
         arch='base',
         drop_path_rate=0.3,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_base.pth')))

@@ -5,9 +5,8 @@
 # Published: 49.2 mIoU (multi-scale + flip), 72.9 M parameters (auxiliary head included).
 _base_ = ['./upernet_restv2_tiny_ade20k.py']
 
-checkpoint_file = 'checkpoints/restv2_small.pth'
 model = dict(
     backbone=dict(
         arch='small',
         drop_path_rate=0.2,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)))
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_small.pth')))

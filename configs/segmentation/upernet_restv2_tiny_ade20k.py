@@ -12,8 +12,8 @@ custom_imports = dict(imports=['rest_mm'], allow_failed_imports=False)
 
 # The authors' ImageNet-1k weights, as downloaded (the converter in rest_mm reads their
 # layout) or after `python tools/convert_weights.py`. Put the file here, or point the
-# path at it; init_cfg=None trains from scratch. (The name replaces the Swin base's.)
-checkpoint_file = 'checkpoints/restv2_tiny.pth'
+# path at it; init_cfg=None trains from scratch.
+checkpoint_file = None  # the Swin base's ImageNet URL, unused: ours is in init_cfg
 model = dict(
     backbone=dict(
         _delete_=True,
@@ -21,7 +21,7 @@ model = dict(
         arch='tiny',
         out_indices=(0, 1, 2, 3),
         drop_path_rate=0.1,
-        init_cfg=dict(type='Pretrained', checkpoint=checkpoint_file)),
+        init_cfg=dict(type='Pretrained', checkpoint='checkpoints/restv2_tiny.pth')),
     decode_head=dict(in_channels=[96, 192, 384, 768]),
     auxiliary_head=dict(in_channels=384),
     # Test images keep their natural size (the short side resized to 512, e.g. 512x683)

@@ -1,4 +1,4 @@
-"""A straightforward ResT / ResTv2, the yardstick for ``tools/benchmark.py``.
+"""A straightforward ResT / ResTv2: the yardstick for ``tools/benchmark.py`` and the tests.
 
 Written op by op from ``ARCHITECTURE.md`` (tests/data/reference/) with the authors' key
 names, so it loads their checkpoints as they are: tokens are ``B×N×C``; every convolution
@@ -6,15 +6,15 @@ reshapes them to a ``B×C×h×w`` map and back; v1's head interaction is a 1×1 
 over the ``B×n×N×N'`` logits followed by a softmax and an ``nn.InstanceNorm2d`` over each
 head's map; every attention materialises its ``N×N'`` map. It is deliberately not
 optimised: it shows what the package's implementation (``rest_mm/rest.py``) is measured
-against, and tests/test_speed_tools.py proves both compute the same function.
+against, and the tests prove both compute the same function.
 
 Like the package (and unlike the released code), it reads each stage's size from the
 tensors, so inputs need not be multiples of 32.
 
 Usage::
 
-    model = straightforward_rest.build('rest_small')          # or 'restv2_tiny', ...
-    stage_maps = model(images)                                # 4 NCHW maps
+    model = straightforward.build('rest_small')    # or 'restv2_tiny', ...
+    stage_maps = model(images)                     # 4 NCHW maps
     ours = rest_mm.ResT('small')
     load_converted_state_dict(ours, convert_checkpoint(model.state_dict()))
 """
@@ -23,19 +23,7 @@ from typing import List, Sequence
 import torch
 from torch import nn
 
-V1_ARCHS = {
-    'lite': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 2, 2)),
-    'small': dict(embed_dims=(64, 128, 256, 512), depths=(2, 2, 6, 2)),
-    'base': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 6, 2)),
-    'large': dict(embed_dims=(96, 192, 384, 768), depths=(2, 2, 18, 2)),
-}
-V2_ARCHS = {
-    'tiny': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 6, 2), num_heads=(1, 2, 4, 8)),
-    'small': dict(embed_dims=(96, 192, 384, 768), depths=(1, 2, 12, 2), num_heads=(1, 2, 4, 8)),
-    'base': dict(embed_dims=(96, 192, 384, 768), depths=(1, 3, 16, 3), num_heads=(1, 2, 4, 8)),
-    'large': dict(embed_dims=(128, 256, 512, 1024), depths=(2, 3, 16, 2),
-                  num_heads=(2, 4, 8, 16)),
-}
+from ..presets import ARCH_ZOOS, parse_preset_name
 
 
 def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
@@ -298,13 +286,12 @@ class StraightforwardResT(nn.Module):
         return outs
 
 
-def build(name: str, apply_transform: bool = True) -> StraightforwardResT:
-    """A straightforward model by preset name: ``rest_{lite,small,base,large}`` or
-    ``restv2_{tiny,small,base,large}``."""
-    version, _, arch = name.lower().partition('_')
-    archs = {'rest': V1_ARCHS, 'restv2': V2_ARCHS}.get(version)
-    if archs is None or arch not in archs:
-        known = [f'rest_{a}' for a in V1_ARCHS] + [f'restv2_{a}' for a in V2_ARCHS]
-        raise KeyError(f'unknown straightforward model {name!r}; choose one of {known}')
-    return StraightforwardResT(1 if version == 'rest' else 2, apply_transform=apply_transform,
-                               **archs[arch])
+def build(name: str, apply_transform: bool = True,
+          detection_norms: bool = False) -> StraightforwardResT:
+    """A straightforward model by preset name (``rest_small``, ``restv2_tiny``, ...; see
+    :data:`rest_mm.presets.PRESET_NAMES`)."""
+    model_name, arch = parse_preset_name(name)
+    values = ARCH_ZOOS[model_name][arch]
+    return StraightforwardResT(1 if model_name == 'ResT' else 2, values['embed_dims'],
+                               values['depths'], values['num_heads'], values['sr_ratios'],
+                               apply_transform, detection_norms)

@@ -1,0 +1,120 @@
+"""ResT v1's mixed-head attention, ``IN(softmax(mix(q·kᵀ))) @ v``, as one fused kernel.
+
+``EMSA`` (rest_mm/rest.py) mixes the attention logits across heads with a 1×1 conv, takes
+the softmax and instance-normalises each head's ``N×N'`` map. This computes the same
+function with far fewer passes over memory:
+
+* the 1×1 conv over heads is an ``n×n`` matrix product along the head axis (``mix``, the
+  attention scale folded in); its bias, one constant per head, cancels in the softmax;
+* after a softmax every row sums to 1, so each head's map has mean exactly ``1/N'``: the
+  instance norm is ``(P - 1/N') * rsqrt(var + eps)``, and since the scale is one number
+  per head it moves past ``@ v``; only the variance needs the whole map;
+* the map is processed a block of query rows at a time, small enough to stay in cache,
+  accumulating each head's sum of squared deviations, so the full map is never
+  materialised;
+* for training, a hand-written backward keeps only each block's softmax.
+"""
+from typing import Sequence
+
+import torch
+from torch.autograd.function import once_differentiable
+
+
+def _row_blocks(x: torch.Tensor, rows: int) -> Sequence[torch.Tensor]:
+    """``x`` (``B×n×N×d``) in blocks of ``rows`` query rows; no split op for one block, so
+    that a traced graph keeps its sizes free."""
+    return (x, ) if rows >= x.shape[2] else x.split(rows, dim=2)
+
+
+def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mix: torch.Tensor, rows: int, drop: float, eps: float,
+                          keep_for_backward: bool = False):
+    """v1's mixed-head attention, ``rows`` query rows at a time.
+
+    Returns the output, what it is before the per-head scale, that scale
+    ``rsqrt(var + eps)``, and, with ``keep_for_backward``, each block's softmax map and
+    dropout mask (already divided by the keep probability).
+    """
+    B, n, N, _ = q.shape
+    num_keys = k.shape[2]
+    batch_mix = mix.expand(B, n, n)
+    keys_t = k.transpose(-2, -1)
+    blocks, kept, sum_sq = [], [], 0.
+    for q_rows in _row_blocks(q, rows):
+        logits = torch.matmul(q_rows, keys_t)
+        probs = torch.bmm(batch_mix, logits.flatten(2)).view_as(logits).softmax(dim=-1)
+        centered = probs - 1. / num_keys
+        # a norm per row, then a sum over rows: one float32 accumulation over a whole
+        # block (millions of elements) loses ~1e-4 of the variance, and the norm divides by it
+        sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=-1).square().sum(dim=-1)
+        keep = None
+        if drop > 0:
+            # dropout of the normalised map: the per-head scale commutes with it
+            keep = torch.empty_like(centered).bernoulli_(1 - drop).div_(1 - drop)
+            centered = centered * keep
+        blocks.append(torch.matmul(centered, v))
+        if keep_for_backward:
+            kept += [probs, keep]
+    inv_std = torch.rsqrt(sum_sq / (N * num_keys) + eps).view(B, n, 1, 1)
+    unscaled = torch.cat(blocks, dim=2)
+    return unscaled * inv_std, unscaled, inv_std, kept
+
+
+class MixedHeadAttentionFunction(torch.autograd.Function):
+    """``mixed_head_attention`` with a hand-written backward that keeps one map per block
+    (the softmax) instead of autograd's three (logits, softmax, centred map): a third of
+    the training memory of v1's attention, at the same speed (README, "Performance"). The
+    logits are recomputed block by block for the mixing's gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, mix, rows, drop, eps):
+        out, unscaled, inv_std, kept = mixed_head_attention(q, k, v, mix, rows, drop, eps,
+                                                             keep_for_backward=True)
+        ctx.rows, ctx.drop = rows, drop
+        # mixed precision: the backward runs under the forward's autocast state, as
+        # torch.amp.custom_bwd would do for one fixed device type
+        device = q.device.type
+        ctx.autocast = dict(device_type=device, dtype=torch.get_autocast_dtype(device),
+                            enabled=torch.is_autocast_enabled(device))
+        ctx.save_for_backward(q, k, v, mix, unscaled, inv_std, *kept)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out):
+        with torch.autocast(**ctx.autocast):
+            return MixedHeadAttentionFunction._backward(ctx, grad_out)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        q, k, v, mix, unscaled, inv_std, *kept = ctx.saved_tensors
+        B, n, N, _ = q.shape
+        num_keys = k.shape[2]
+        grad = grad_out * inv_std
+        # through var = Σ(P - 1/N')² / (N·N'): each map gets ``coef · (P - 1/N')``; the
+        # constant part is the same along a softmax row, which the softmax's backward removes
+        d_inv_std = (grad_out * unscaled).sum(dim=(-2, -1), keepdim=True)
+        coef = d_inv_std * inv_std.pow(3) * (-1. / (N * num_keys))
+        keys_t, values_t = k.transpose(-2, -1), v.transpose(-2, -1)
+        mix_t = mix.t().expand(B, n, n)
+        d_q, d_k, d_v, d_mix = [], torch.zeros_like(k), torch.zeros_like(v), torch.zeros_like(mix)
+        blocks = zip(_row_blocks(q, ctx.rows), _row_blocks(grad, ctx.rows), kept[0::2], kept[1::2])
+        for q_rows, grad_rows, probs, keep in blocks:
+            d_probs = torch.matmul(grad_rows, values_t)
+            if keep is None:
+                d_v += torch.matmul(probs.transpose(-2, -1), grad_rows)
+            else:
+                d_v += torch.matmul(((probs - 1. / num_keys) * keep).transpose(-2, -1), grad_rows)
+                d_probs *= keep
+            d_probs.addcmul_(probs, coef)
+            d_mixed = torch._softmax_backward_data(d_probs.to(probs.dtype), probs, -1,
+                                                   probs.dtype)
+            logits = torch.matmul(q_rows, keys_t)
+            d_mix += torch.bmm(d_mixed.flatten(2), logits.flatten(2).transpose(1, 2)).sum(0)
+            d_logits = torch.bmm(mix_t, d_mixed.flatten(2)).view_as(logits)
+            d_q.append(torch.matmul(d_logits, k))
+            d_k += torch.matmul(d_logits.transpose(-2, -1), q_rows)
+        if ctx.drop == 0:  # the centring, ``- 1/N'``, applied to the values' gradient at once
+            d_v -= grad.sum(dim=2, keepdim=True) / num_keys
+        return torch.cat(d_q, dim=2), d_k, d_v, d_mix, None, None, None

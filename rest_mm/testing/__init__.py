@@ -1,0 +1,1 @@
+"""Reference implementations the tests and the benchmark compare the models with."""
