@@ -1,17 +1,11 @@
-"""Shared fixtures. Helpers live here (not in an importable ``tests`` package: the
-mmsegmentation wheel installs a top-level ``tests`` package of its own)."""
+"""Shared fixtures; shared tables and helpers are in ``testlib.py``."""
 import copy
 import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-
-TOOLS_DIR = Path(__file__).resolve().parents[1] / 'tools'
-REFERENCE_DIR = Path(__file__).parent / 'data' / 'reference'
-# The reference models' shape (see tests/data/reference/README.md).
-REFERENCE_ARCH = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
-                      sr_ratios=(8, 4, 2, 1), mlp_ratio=4.)
+from testlib import REFERENCE_ARCH, REFERENCE_DIR, TOOLS_DIR
 
 
 @pytest.fixture(autouse=True)

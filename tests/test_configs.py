@@ -22,12 +22,11 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
+from testlib import CONFIG_DIR
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
-
-CONFIG_DIR = Path(__file__).resolve().parents[1] / 'configs'
 
 # Parameters in millions as the authors published them (COCO 80 classes, ADE20K 150; the
 # UperNet counts include the auxiliary FCN head). None: no published number.

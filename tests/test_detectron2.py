@@ -17,18 +17,24 @@ from typing import Dict, Tuple
 
 import numpy as np
 import pytest
+import reference_detectron2 as ref
 import torch
 from mmengine.config import Config
+from testlib import REPO
 
-import reference_detectron2 as ref
 import rest_mm  # noqa: F401  (registers the backbones)
-from rest_mm.detectron2 import (ARCHITECTURES, CONFIGS, DETECTRON2_TEST_CFG,
-                                DETECTRON2_TEST_INPUT, check_preprocessing,
-                                convert_detectron2_detector, is_detectron2_detector,
-                                mmdet_to_detectron2_anchor_order)
+from rest_mm.detectron2 import (
+    ARCHITECTURES,
+    CONFIGS,
+    DETECTRON2_TEST_CFG,
+    DETECTRON2_TEST_INPUT,
+    check_preprocessing,
+    convert_detectron2_detector,
+    is_detectron2_detector,
+    mmdet_to_detectron2_anchor_order,
+)
 from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
 
-REPO = Path(__file__).resolve().parents[1]
 KEY_DUMPS = Path(__file__).parent / 'data' / 'detectron2'
 IMAGENET_KEYS = json.loads(
     (Path(__file__).parent / 'data' / 'reference' / 'reference_checkpoint_keys.json').read_text())

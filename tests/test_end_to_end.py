@@ -23,12 +23,11 @@ import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image
+from testlib import REPO, TOOLS_DIR
 
 import rest_mm  # noqa: F401  (registers the backbones for _untrained_checkpoint)
 from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
 
-REPO = Path(__file__).resolve().parents[1]
-TOOLS = REPO / 'tools'
 pytestmark = pytest.mark.slow
 
 # 64x80 images keep every run to seconds per iteration on a CPU.
@@ -92,7 +91,7 @@ def _untrained_checkpoint(config: str, options: list, path: Path):
 
 
 def _test(config, checkpoint, work_dir, options, *extra) -> dict:
-    _run([sys.executable, TOOLS / 'test.py', config, checkpoint, '--work-dir', work_dir,
+    _run([sys.executable, TOOLS_DIR / 'test.py', config, checkpoint, '--work-dir', work_dir,
           *extra, '--cfg-options', *options])
     return _metrics(Path(work_dir))
 
@@ -102,7 +101,7 @@ def _train_then_test(tmp_path, config, options, metric_key):
     work_dir = tmp_path / 'work'
     # The timeout catches a hang, not slowness: Mask R-CNN's run takes ~5 minutes on an idle
     # 2-core machine and must still pass on a loaded one.
-    _run([sys.executable, TOOLS / 'train.py', config, '--work-dir', work_dir,
+    _run([sys.executable, TOOLS_DIR / 'train.py', config, '--work-dir', work_dir,
           '--cfg-options', *options], timeout=TRAINING_TIMEOUT)
     checkpoint = Path((work_dir / 'last_checkpoint').read_text().strip())
     assert checkpoint.is_file()
@@ -149,7 +148,7 @@ def test_interrupted_training_resumes(tmp_path, toy_root):
         'default_hooks.checkpoint.interval=1', 'default_hooks.checkpoint.max_keep_ckpts=3',
         'default_hooks.logger.interval=1']
     work_dir = tmp_path / 'work'
-    command = [sys.executable, TOOLS / 'train.py', config, '--work-dir', work_dir,
+    command = [sys.executable, TOOLS_DIR / 'train.py', config, '--work-dir', work_dir,
                '--cfg-options', *options]
     first = subprocess.Popen([str(a) for a in command], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
@@ -193,7 +192,7 @@ def test_two_process_gloo_training_and_testing(tmp_path, toy_root):
         'default_hooks.logger.interval=1']
     env = dict(os.environ, PORT=str(_free_port()), PYTHON=sys.executable, OMP_NUM_THREADS='1')
     work_dir = tmp_path / 'work'
-    result = _run(['bash', TOOLS / 'dist_train.sh', config, 2, '--work-dir', work_dir,
+    result = _run(['bash', TOOLS_DIR / 'dist_train.sh', config, 2, '--work-dir', work_dir,
                    '--cfg-options', *options], env=env)
     log = result.stdout + result.stderr
     assert 'Distributed launcher: pytorch' in log and 'Distributed training: True' in log
@@ -203,7 +202,7 @@ def test_two_process_gloo_training_and_testing(tmp_path, toy_root):
     assert checkpoint.is_file()
 
     env['PORT'] = str(_free_port())
-    result = _run(['bash', TOOLS / 'dist_test.sh', config, checkpoint, 2, '--work-dir',
+    result = _run(['bash', TOOLS_DIR / 'dist_test.sh', config, checkpoint, 2, '--work-dir',
                    tmp_path / 'test', '--cfg-options', *options], env=env)
     assert 'mIoU' in _metrics(tmp_path / 'test')
 
@@ -223,7 +222,7 @@ def test_main_job_learns(tmp_path):
     scale = [f'{loader}.dataset.pipeline.{1 if loader != "train_dataloader" else 2}.scale='
              f'{MAIN_JOB_SCALE}' for loader in ('train_dataloader', 'val_dataloader',
                                                 'test_dataloader')]
-    result = _run([sys.executable, TOOLS / 'main_job.py', '--work-dir', work_dir,
+    result = _run([sys.executable, TOOLS_DIR / 'main_job.py', '--work-dir', work_dir,
                    '--epochs', MAIN_JOB_EPOCHS, '--cfg-options', *scale],
                   timeout=MAIN_JOB_TIMEOUT)
     assert '1/4' in result.stdout and '4/4' in result.stdout and 'Epoch(train)' in result.stdout

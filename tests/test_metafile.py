@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from testlib import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIRS = ('configs/detection', 'configs/segmentation')
 METRIC_COLUMNS = {'box AP': 'box AP', 'mask AP': 'mask AP', 'mIoU (ms+flip)': 'mIoU(ms+flip)'}
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
+from testlib import REPO
 
 from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 from rest_mm.testing import straightforward
 
-REPO = Path(__file__).resolve().parents[1]
 CONFIG = 'configs/segmentation/upernet_restv2_tiny_ade20k.py'
 IN_CHANNELS = (96, 192, 384, 768)
 CHANNELS, AUX_CHANNELS, POOL_SCALES = 512, 256, (1, 2, 3, 6)  # _base_/models/upernet_restv2.py

@@ -5,11 +5,10 @@ tests/test_end_to_end.py.)"""
 import re
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
+from testlib import REPO
 
-REPO = Path(__file__).resolve().parents[1]
 COMMAND = re.compile(r'^(?:[A-Z_]+=\S+ )*(python|bash) (tools/\S+)(.*)$')
 
 

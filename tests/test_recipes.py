@@ -19,11 +19,9 @@ import pytest
 import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
+from testlib import CONFIG_DIR, REPO
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
-
-REPO = Path(__file__).resolve().parents[1]
-CONFIG_DIR = REPO / 'configs'
 
 RETINANET_V1 = [f'detection/retinanet_rest_{a}_coco.py' for a in ('lite', 'small', 'base', 'large')]
 MASK_RCNN_V1 = [f'detection/mask_rcnn_rest_{a}_coco.py' for a in ('lite', 'small', 'base', 'large')]
@@ -581,20 +579,3 @@ def test_align32_config_segments_at_multiples_of_32():
             packed = pipeline(dict(img=image, img_shape=image.shape[:2],
                                    ori_shape=image.shape[:2]))
         assert tuple(packed['inputs'].shape) == (3, 512, width), path
-
-
-# --- tools/test.py --tta -------------------------------------------------------------
-def test_tta_flag_wraps_the_model_and_swaps_the_pipeline(load_tool):
-    test_tool = load_tool('test')
-    cfg = load(UPERNET['tiny']).copy()
-    model = cfg.model.copy()
-    test_tool._use_tta(cfg, UPERNET['tiny'])
-    assert cfg.model.type == 'SegTTAModel' and cfg.model.module == model
-    assert cfg.test_dataloader.dataset.pipeline == cfg.tta_pipeline
-
-
-def test_tta_flag_on_a_config_without_tta_fails_clearly(load_tool):
-    test_tool = load_tool('test')
-    cfg = load('detection/mask_rcnn_rest_small_coco.py').copy()  # mmdet's has none
-    with pytest.raises(ValueError, match='--tta needs tta_model and tta_pipeline'):
-        test_tool._use_tta(cfg, 'detection/mask_rcnn_rest_small_coco.py')

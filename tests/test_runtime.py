@@ -1,22 +1,19 @@
 """Fast checks of the tools' runtime: checkpoint allow-list, CPU adaptation, clear errors
 for bad input, and the toy data generator."""
 import json
-import pickle
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from mmengine.config import Config
-from mmengine.logging import HistoryBuffer, MessageHub
 from mmengine.registry import HOOKS
 from PIL import Image
+from testlib import REPO
 
 from rest_mm import runtime
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.toy_data import CLASSES, ToyDataSpec, generate_toy_datasets, read_manifest
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL_SPEC = ToyDataSpec(num_train=6, num_val=3, height=48, width=64, min_size=10,
                          max_size=24, max_objects=3, seed=3)
 
@@ -29,66 +26,6 @@ def train_tool(load_tool):
 @pytest.fixture(scope='module')
 def test_tool(load_tool):
     return load_tool('test')
-
-
-@pytest.fixture
-def restored_safe_globals():
-    """Run a test from torch's default allow-list and put the session's back afterwards."""
-    saved = torch.serialization.get_safe_globals()
-    torch.serialization.clear_safe_globals()
-    yield
-    torch.serialization.clear_safe_globals()
-    torch.serialization.add_safe_globals(saved)
-
-
-def _mmengine_like_checkpoint():
-    """What mmengine's Runner saves: a message hub of HistoryBuffers, numpy scalars, a
-    MultiStepLR state with a Counter, and tensors."""
-    hub = MessageHub('runtime_test_hub')
-    for step in range(3):
-        hub.update_scalar('train/loss', 1.0 / (step + 1))
-    hub.update_info('eta', np.float64(12.5))
-    model = torch.nn.Linear(2, 2)
-    optimizer = torch.optim.AdamW(model.parameters())
-    model(torch.ones(1, 2)).sum().backward()
-    optimizer.step()
-    scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[8, 11])
-    return dict(meta=dict(epoch=1, iter=3, dataset_meta=dict(classes=('a', 'b'))),
-                state_dict=model.state_dict(), message_hub=hub.state_dict(),
-                optimizer=optimizer.state_dict(), param_schedulers=[scheduler.state_dict()])
-
-
-def test_allow_list_reads_mmengine_checkpoints(tmp_path, restored_safe_globals):
-    path = tmp_path / 'epoch_1.pth'
-    saved = _mmengine_like_checkpoint()
-    torch.save(saved, path)
-    with pytest.raises(pickle.UnpicklingError, match='HistoryBuffer|numpy|Counter'):
-        torch.load(path, weights_only=True)  # torch >= 2.6's default refuses it
-
-    allow_mmengine_checkpoints()
-    loaded = torch.load(path, weights_only=True)
-    buffer = loaded['message_hub']['log_scalars']['train/loss']
-    assert isinstance(buffer, HistoryBuffer)
-    np.testing.assert_allclose(buffer.data[0], [1.0, 0.5, 1 / 3])
-    assert buffer.mean() == pytest.approx((1 + 0.5 + 1 / 3) / 3)  # methods restored
-    assert loaded['param_schedulers'][0]['milestones'] == {8: 1, 11: 1}
-    assert loaded['optimizer']['state'][0]['step'] == saved['optimizer']['state'][0]['step']
-    assert torch.equal(loaded['state_dict']['weight'], saved['state_dict']['weight'])
-
-
-class _Smuggler:
-    """Pickles as getattr(HistoryBuffer, '__init__'): not a statistics method."""
-
-    def __reduce__(self):
-        return getattr, (HistoryBuffer, '__init__')
-
-
-def test_allow_list_does_not_allow_getattr(tmp_path, restored_safe_globals):
-    path = tmp_path / 'evil.pth'
-    torch.save({'x': _Smuggler()}, path)
-    allow_mmengine_checkpoints()
-    with pytest.raises(Exception, match='only HistoryBuffer statistics methods'):
-        torch.load(path, weights_only=True)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='adaptation applies without CUDA')

@@ -17,11 +17,11 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from testlib import REPO
 
 from rest_mm import ResT, ResTV2
 from rest_mm.checkpoint import load_pretrained
 
-REPO = Path(__file__).resolve().parents[1]
 DET_CONFIG = REPO / 'configs' / 'detection' / 'mask_rcnn_rest_small_coco.py'
 SEG_CONFIG = REPO / 'configs' / 'segmentation' / 'upernet_restv2_tiny_ade20k.py'
 # The reference checkpoints (tests/data/reference/README.md): the authors' code, seeded.
@@ -350,10 +350,10 @@ def test_visualize_and_export_never_write_over_inputs(tmp_path, visualize_tool, 
 def _detector_checkpoint(path: Path, classes):
     """Mask R-CNN weights (random) whose classifier calls every region ``classes[0]``,
     saved as mmengine's Runner saves them (message hub included)."""
+    from mmdet.registry import MODELS
     from mmengine.config import Config
     from mmengine.logging import MessageHub
     from mmengine.registry import init_default_scope
-    from mmdet.registry import MODELS
     init_default_scope('mmdet')
     cfg = Config.fromfile(str(DET_CONFIG))
     cfg.model.backbone.init_cfg = None

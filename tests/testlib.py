@@ -1,0 +1,44 @@
+"""Tables and helpers that several test modules share (imported as ``testlib``: the tests
+folder is no package, because the mmsegmentation wheel installs a top-level ``tests``)."""
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import torch
+from torch import nn
+
+from rest_mm import ResT, ResTV2
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIG_DIR = REPO / 'configs'
+TOOLS_DIR = REPO / 'tools'
+TOY_CONFIG_DIR = CONFIG_DIR / 'toy'
+REFERENCE_DIR = Path(__file__).parent / 'data' / 'reference'
+# The reference models' shape (see tests/data/reference/README.md).
+REFERENCE_ARCH = dict(embed_dims=(16, 32, 64, 128), depths=(1, 1, 2, 1), num_heads=(1, 2, 4, 8),
+                      sr_ratios=(8, 4, 2, 1), mlp_ratio=4.)
+
+
+class Reference(NamedTuple):
+    """A reference checkpoint with the stage maps the authors' code computed from it."""
+    name: str
+    file: str
+    cls: type
+    kwargs: dict
+    version: int
+
+
+REFERENCES = [
+    Reference('v1', 'rest_v1_tiny.pt', ResT, dict(apply_transform=True), 1),
+    Reference('v1_no_transform', 'rest_v1_tiny_no_transform.pt', ResT,
+              dict(apply_transform=False), 1),
+    Reference('v2', 'rest_v2_tiny.pt', ResTV2, {}, 2),
+]
+REFERENCE_BY_NAME = {r.name: r for r in REFERENCES}
+REFERENCE_IDS = [r.file for r in REFERENCES]
+
+
+def as_ours(model: nn.Module, stage_maps: Sequence[torch.Tensor]) -> list:
+    """The authors' stage maps as our outputs present them: through the model's output
+    norms where they are fresh (stages the ImageNet model has no norm for)."""
+    return [getattr(model, f'norm{i}')(m.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+            if i in model.fresh_norm_indices else m for i, m in enumerate(stage_maps)]
