@@ -22,8 +22,7 @@ from mmengine.runner import CheckpointLoader
 from torch import nn
 
 from . import presets
-from .checkpoint_files import (CheckpointFileError, allow_mmengine_checkpoints,
-                               read_local_checkpoint)
+from .checkpoint_files import CheckpointFileError, allow_mmengine_checkpoints, read_local_checkpoint
 
 _WRAPPER_KEYS = ('state_dict', 'model')
 # Whole-model checkpoints keep the backbone under one of these prefixes, most specific first.
@@ -127,11 +126,12 @@ def describe_weights(state_dict: Mapping) -> Tuple[str, dict]:
     stem_out = 'stem.conv3.weight' if v1 else 'stem.proj.6.weight'
     down = 'conv' if v1 else 'proj'
     dims = [state_dict[stem_out].shape[0]] if stem_out in state_dict else [None]
-    for i in range(1, 4):
+    for i in range(1, presets.NUM_STAGES):
         weight = state_dict.get(f'stages.{i}.downsample.{down}.weight')
         dims.append(None if weight is None else weight.shape[0])
-    blocks = {tuple(k.split('.')[1:4:2]) for k in state_dict if re.match(r'stages\.\d\.blocks\.', k)}
-    depths = [sum(1 for stage, _ in blocks if stage == str(i)) for i in range(4)]
+    blocks = {tuple(k.split('.')[1:4:2]) for k in state_dict
+              if re.match(r'stages\.\d\.blocks\.', k)}
+    depths = [sum(1 for stage, _ in blocks if stage == str(i)) for i in range(presets.NUM_STAGES)]
     return ('ResT' if v1 else 'ResTV2'), dict(embed_dims=tuple(dims), depths=tuple(depths))
 
 
@@ -209,7 +209,8 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
                            f'stages.N.blocks.M.attn.q/kv weights after conversion; first '
                            f'keys: {first}): pass a ResT/ResTV2 checkpoint')
     missing = [k for k in own if k not in state_dict and not is_output_norm(k, fresh)]
-    unexpected = [k for k in state_dict if k not in own and not is_output_norm(k, range(4))]
+    unexpected = [k for k in state_dict
+                  if k not in own and not is_output_norm(k, range(presets.NUM_STAGES))]
     mismatched = [f'{k}: checkpoint {tuple(state_dict[k].shape)}, model {tuple(own[k].shape)}'
                   for k in own if k in state_dict and state_dict[k].shape != own[k].shape]
     if missing or unexpected or mismatched:

@@ -18,13 +18,9 @@ detectron2's semantics where the libraries differ in layout:
 * **Test settings.** :data:`DETECTRON2_TEST_CFG` and :data:`DETECTRON2_TEST_INPUT` hold
   detectron2's evaluation defaults, which the detection configs must equal (tested).
 
-Box coding, FPN top blocks, RoI-to-level assignment and resizing are equal between the
-libraries given our configs; ``tests/reference_detectron2.py`` re-derives them from
-detectron2's source and ``tests/test_detectron2.py`` compares, with these differences left
-(each measured there): mmdet's RetinaNet clips boxes to the image before NMS, detectron2
-after; mmdet also clamps ``dw``/``dh`` from below (boxes shrunk over 62.5x); the RoI level
-epsilon differs (boxes within 5e-7 below a level boundary); and the resized size may differ
-by a pixel where it is exactly half a pixel.
+Box coding, FPN top blocks, RoI-to-level assignment and resizing agree given our configs:
+``tests/test_detectron2.py`` compares them with a re-derivation of detectron2's code; the
+README ("Evaluate the authors' released models") lists what is left.
 """
 import re
 from collections import OrderedDict
@@ -33,8 +29,14 @@ from typing import Dict, List, Mapping, Tuple
 import numpy as np
 import torch
 
-from .checkpoint import (as_tensors, backbone_key_problems, convert_checkpoint,
-                         describe_weights, is_v1, matching_preset)
+from .checkpoint import (
+    as_tensors,
+    backbone_key_problems,
+    convert_checkpoint,
+    describe_weights,
+    is_v1,
+    matching_preset,
+)
 from .rest import BACKBONES
 
 # ---------------------------------------------------------------------------------------

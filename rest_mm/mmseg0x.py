@@ -20,8 +20,13 @@ from typing import Dict, Mapping, Tuple
 
 import torch
 
-from .checkpoint import (backbone_key_problems, convert_checkpoint, describe_weights, is_v1,
-                         matching_preset)
+from .checkpoint import (
+    backbone_key_problems,
+    convert_checkpoint,
+    describe_weights,
+    is_v1,
+    matching_preset,
+)
 from .rest import ResTV2
 
 SOURCE = 'mmseg0.x'

@@ -8,6 +8,7 @@ import copy
 import math
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+NUM_STAGES = 4  # strides 4, 8, 16, 32
 ARCH_KEYS = ('embed_dims', 'depths', 'num_heads', 'sr_ratios', 'mlp_ratio')
 
 
@@ -92,12 +93,12 @@ def resolve_arch(arch: Union[str, dict], model_name: str) -> dict:
     arch = copy.deepcopy(arch)
     for key in ('embed_dims', 'depths', 'num_heads', 'sr_ratios'):
         values = arch[key]
-        if not isinstance(values, (list, tuple)) or len(values) != 4:
-            raise ValueError(f'{model_name}: arch[{key!r}] needs one value per stage (4), '
-                             f'got {values}')
+        if not isinstance(values, (list, tuple)) or len(values) != NUM_STAGES:
+            raise ValueError(f'{model_name}: arch[{key!r}] needs one value per stage '
+                             f'({NUM_STAGES}), got {values}')
         if not all(_is_int(v) and v >= 1 for v in values):
-            raise ValueError(f'{model_name}: arch[{key!r}] must be 4 whole numbers >= 1, '
-                             f'got {values}')
+            raise ValueError(f'{model_name}: arch[{key!r}] must be {NUM_STAGES} whole numbers '
+                             f'>= 1, got {values}')
     mlp_ratio = arch['mlp_ratio']
     if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or \
             not math.isfinite(mlp_ratio) or int(min(arch['embed_dims']) * mlp_ratio) < 1:

@@ -1,11 +1,11 @@
 """ResT (NeurIPS 2021) and ResTv2 (NeurIPS 2022) as dense-prediction backbones.
 
 The file reads top-down like the architecture: the positional encoding, the MLP, the two
-attentions, the block, the stems and patch embeddings, the stage, then the two models (their
+attentions, the block, the stems and patch embeddings, the stage, then the two models. Their
 presets are in ``rest_mm/presets.py``, v1's fused attention kernel in
-``rest_mm/fused_attention.py``). Every module works on channels-last maps ``B×h×w×C`` (the memory layout
-of the paper's ``B×N×C`` tokens), so the linear layers need no reshape and the convolutions
-see a channels-last NCHW view of the same memory, with no copy either way.
+``rest_mm/fused_attention.py``. Every module works on channels-last maps ``B×h×w×C`` (the
+memory layout of the paper's ``B×N×C`` tokens), so the linear layers need no reshape and the
+convolutions see a channels-last NCHW view of the same memory, with no copy either way.
 
 Sizes are always read from the tensors, never derived as ``H // stride``: that is what lets
 the models take inputs of any size with no padding and no interpolation.
@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import load_pretrained
 from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
-from .presets import ARCH_ZOOS, resolve_arch
+from .presets import ARCH_ZOOS, NUM_STAGES, resolve_arch
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -196,7 +196,8 @@ class EMSA(ReducedKVAttention):
         drop = self.attn_drop if self.training else 0.
         needs_grad = any(t.requires_grad for t in (q, k, v, mix))
         if torch.is_grad_enabled() and needs_grad and not tracing:
-            return MixedHeadAttentionFunction.apply(q, k, v, mix, rows, drop, self.instance_norm_eps)
+            return MixedHeadAttentionFunction.apply(q, k, v, mix, rows, drop,
+                                                    self.instance_norm_eps)
         return mixed_head_attention(q, k, v, mix, rows, drop, self.instance_norm_eps)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -378,10 +379,10 @@ def _resolve_out_indices(out_indices: Union[int, Sequence[int]], model: str) -> 
         out_indices = (out_indices, )
     resolved = []
     for index in out_indices:
-        if not isinstance(index, int) or not -4 <= index < 4:
+        if not isinstance(index, int) or not -NUM_STAGES <= index < NUM_STAGES:
             raise ValueError(f'{model}: out_indices {tuple(out_indices)} must be stage indices '
-                             f'in 0..3 (or -4..-1)')
-        resolved.append(index % 4)
+                             f'in 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1)')
+        resolved.append(index % NUM_STAGES)
     if len(set(resolved)) != len(resolved):
         raise ValueError(f'{model}: out_indices {tuple(out_indices)} names a stage twice')
     return tuple(sorted(resolved))
@@ -403,8 +404,9 @@ class _ResTBase(BaseModule):
         self.arch = resolve_arch(arch, name)
         self.embed_dims = tuple(self.arch['embed_dims'])
         self.out_indices = _resolve_out_indices(out_indices, name)
-        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= 4:
-            raise ValueError(f'{name}: frozen_stages must be in -1..4, got {frozen_stages}')
+        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= NUM_STAGES:
+            raise ValueError(f'{name}: frozen_stages must be in -1..{NUM_STAGES}, got '
+                             f'{frozen_stages}')
         if not _is_int(in_channels) or in_channels < 1:
             raise ValueError(f'{name}: in_channels must be positive, got {in_channels}')
         for rate_name, rate in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),

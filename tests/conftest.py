@@ -1,11 +1,11 @@
 """Shared fixtures; shared tables and helpers are in ``testlib.py``."""
 import copy
-import importlib.util
 from pathlib import Path
 
 import pytest
 import torch
-from testlib import REFERENCE_ARCH, REFERENCE_DIR, TOOLS_DIR
+
+from testlib import REFERENCE_ARCH, REFERENCE_DIR
 
 
 @pytest.fixture(autouse=True)
@@ -21,18 +21,6 @@ def reference_dir() -> Path:
 @pytest.fixture(scope='session')
 def reference_arch() -> dict:
     return dict(REFERENCE_ARCH)
-
-
-@pytest.fixture(scope='session')
-def load_tool():
-    """``load_tool(name)`` imports the script ``tools/<name>.py`` by path (``tools`` is not
-    a package)."""
-    def load(name: str):
-        spec = importlib.util.spec_from_file_location(f'tool_{name}', TOOLS_DIR / f'{name}.py')
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
-        return module
-    return load
 
 
 # Two float32 runs of one function by different kernels (another CPU, the machine that

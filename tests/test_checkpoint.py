@@ -8,13 +8,10 @@ import torch
 
 from rest_mm import ResT, ResTV2, convert_checkpoint, load_pretrained
 from rest_mm.checkpoint import check_model_fits, load_converted_state_dict
+from rest_mm.presets import PRESET_NAMES, parse_preset_name
+from rest_mm.rest import BACKBONES
 
-RELEASES = {
-    'rest_lite': (ResT, 'lite'), 'rest_small': (ResT, 'small'),
-    'rest_base': (ResT, 'base'), 'rest_large': (ResT, 'large'),
-    'restv2_tiny': (ResTV2, 'tiny'), 'restv2_small': (ResTV2, 'small'),
-    'restv2_base': (ResTV2, 'base'), 'restv2_large': (ResTV2, 'large'),
-}
+from testlib import randomised_detection_backbone
 
 
 @pytest.fixture(scope='module')
@@ -31,9 +28,10 @@ def _meta_model(cls, arch, **kwargs):
         return cls(arch=arch, **kwargs)
 
 
-@pytest.mark.parametrize('release', sorted(RELEASES))
+@pytest.mark.parametrize('release', PRESET_NAMES)
 def test_converter_maps_every_released_key(released_keys, release):
-    cls, arch = RELEASES[release]
+    model_name, arch = parse_preset_name(release)
+    cls = BACKBONES[model_name]
     released = _meta_state_dict(released_keys[release])
     converted = convert_checkpoint({'model': released})
     own = _meta_model(cls, arch).state_dict()
@@ -242,3 +240,20 @@ def test_whole_model_check_refuses_anything_partial():
                      allow_missing=['head.', 'roi_head.'])
     with pytest.raises(RuntimeError, match='2 missing'):
         check_model_fits(detector, {'state_dict': partial}, 'p.pth', allow_missing=['neck.'])
+
+
+def test_output_norm_conversion_is_idempotent_and_keeps_trained_norms(reference_arch):
+    """The authors' trained output norms land on ours (none dropped, none mixed up with the
+    ImageNet ``norm``), and converting our own layout again changes nothing."""
+    theirs = randomised_detection_backbone(1, reference_arch).state_dict()
+    converted = convert_checkpoint({f'backbone.bottom_up.{k}': v for k, v in theirs.items()})
+    for i, key in enumerate(('norm1', 'norm2', 'norm3', 'norm')):
+        torch.testing.assert_close(converted[f'norm{i}.weight'], theirs[f'{key}.weight'])
+    again = convert_checkpoint({'state_dict': {f'backbone.{k}': v for k, v in converted.items()}})
+    assert list(again) == list(converted)
+    assert all(again[k] is converted[k] for k in converted)
+    mmseg0x = {f'norm_{i + 1}.{p}': torch.full((8, ), float(i)) for i in range(4)
+               for p in ('weight', 'bias')}
+    mmseg0x['stage1.0.norm1.weight'] = torch.ones(8)
+    renamed = convert_checkpoint(mmseg0x)
+    assert [renamed[f'norm{i}.weight'][0].item() for i in range(4)] == [0., 1., 2., 3.]

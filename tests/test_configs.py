@@ -1,12 +1,11 @@
-"""The shipped detection and segmentation configs.
-
-Every config loads, builds through its library's registry, trains one step with its own
-optimizer (the loss goes down on a repeated batch, the backbone's norm layers get no weight
-decay) and predicts; the models match the authors' published sizes (tests/test_recipes.py
-checks the resolved configs against the authors' recipes); a user's own config that swaps
-a stock mmdet config's backbone for ResT works through ``custom_imports``; ADE20K-sized test images are segmented whole at their natural
-size; the backbone checkpoint path fails clearly when missing and loads when present.
-Inputs are tiny and SyncBN becomes BN, so all of it runs on a CPU.
+"""The shipped detection and segmentation configs. Every config loads, builds through its
+library's registry, trains one step with its own optimizer (the loss goes down on a repeated
+batch, the backbone's norm layers get no weight decay) and predicts; the models match the
+authors' published sizes (tests/test_recipes.py checks the resolved configs against the
+authors' recipes); a user's own config that swaps a stock mmdet config's backbone for ResT
+works through ``custom_imports``; ADE20K-sized test images are segmented whole at their
+natural size; the backbone checkpoint path fails clearly when missing and loads when
+present. Inputs are tiny and SyncBN becomes BN, so all of it runs on a CPU.
 """
 import importlib
 import re
@@ -22,11 +21,12 @@ from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 from mmengine.optim import build_optim_wrapper
 from mmengine.registry import DefaultScope
-from testlib import CONFIG_DIR
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
+
+from testlib import CONFIG_DIR
 
 # Parameters in millions as the authors published them (COCO 80 classes, ADE20K 150; the
 # UperNet counts include the auxiliary FCN head). None: no published number.

@@ -17,10 +17,8 @@ from typing import Dict, Tuple
 
 import numpy as np
 import pytest
-import reference_detectron2 as ref
 import torch
 from mmengine.config import Config
-from testlib import REPO
 
 import rest_mm  # noqa: F401  (registers the backbones)
 from rest_mm.detectron2 import (
@@ -33,7 +31,10 @@ from rest_mm.detectron2 import (
     is_detectron2_detector,
     mmdet_to_detectron2_anchor_order,
 )
-from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
+from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
+
+import reference_detectron2 as ref
+from testlib import REPO
 
 KEY_DUMPS = Path(__file__).parent / 'data' / 'detectron2'
 IMAGENET_KEYS = json.loads(
@@ -158,23 +159,23 @@ def build_detector(config: str):
     return MODELS.build(cfg.model).eval()
 
 
-@pytest.fixture(scope='module')
-def retinanet():
+def converted_detector(architecture: str, backbone: str) -> tuple:
     """(detectron2 weights, converted weights, meta, mmdet model loaded strictly)."""
-    weights = synthetic_detectron2('RetinaNet', 'rest_small')
+    weights = synthetic_detectron2(architecture, backbone)
     converted, meta = convert_detectron2_detector(weights)
     model = build_detector(meta['config'])
     model.load_state_dict(converted, strict=True)
     return weights, converted, meta, model
+
+
+@pytest.fixture(scope='module')
+def retinanet():
+    return converted_detector('RetinaNet', 'rest_small')
 
 
 @pytest.fixture(scope='module')
 def mask_rcnn():
-    weights = synthetic_detectron2('MaskRCNN', 'restv2_tiny')
-    converted, meta = convert_detectron2_detector(weights)
-    model = build_detector(meta['config'])
-    model.load_state_dict(converted, strict=True)
-    return weights, converted, meta, model
+    return converted_detector('MaskRCNN', 'restv2_tiny')
 
 
 # ---------------------------------------------------------------------------------------
@@ -729,25 +730,3 @@ def test_converted_checkpoint_runs_through_test_tool(tmp_path, toy_coco, archite
                  f'model.data_preprocessor.bgr_to_rgb={bgr_to_rgb}', check=False)
     assert wrong.returncode != 0
     assert f'evaluate it with {meta["config"]}' in wrong.stderr
-
-
-def test_late_clipping_head_refuses_a_clipping_coder_and_clips_after_rescaling():
-    from mmdet.registry import MODELS
-    from mmengine.structures import InstanceData
-    head_cfg = dict(type='LateClippingRetinaHead', num_classes=2, in_channels=8,
-                    feat_channels=8, stacked_convs=1,
-                    anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4,
-                                          scales_per_octave=1, ratios=[1.0], strides=[8]),
-                    bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.] * 4,
-                                    target_stds=[1.] * 4))
-    with pytest.raises(ValueError, match='clip_border=False'):
-        MODELS.build(head_cfg)
-    head = MODELS.build(dict(head_cfg, bbox_coder=dict(head_cfg['bbox_coder'],
-                                                       clip_border=False)))
-    results = InstanceData(bboxes=torch.tensor([[-10., 5., 50., 300.], [210., 5., 260., 9.]]),
-                           scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([0, 1]))
-    cfg = Config(dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))
-    out = head._bbox_post_process(results, cfg, rescale=True, with_nms=True,
-                                  img_meta=dict(scale_factor=(2., 2.), ori_shape=(100, 100)))
-    # rescaled to the original image, clipped to it; the box left empty is dropped
-    assert out.bboxes.tolist() == [[0., 2.5, 25., 100.]]

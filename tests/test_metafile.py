@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+
 from testlib import REPO
 
 CONFIG_DIRS = ('configs/detection', 'configs/segmentation')

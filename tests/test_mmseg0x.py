@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
-from testlib import REPO
 
 from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 from rest_mm.testing import straightforward
+
+from testlib import REPO
 
 CONFIG = 'configs/segmentation/upernet_restv2_tiny_ade20k.py'
 IN_CHANNELS = (96, 192, 384, 768)
@@ -231,7 +232,7 @@ def test_missing_backbone_keys_are_errors(checkpoint):
 
 @pytest.mark.slow
 def test_convert_then_test_on_toy_data_single_scale_and_tta(tmp_path):
-    from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
+    from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
     spec = ToyDataSpec(num_train=1, num_val=3, height=64, width=80, min_size=16, max_size=40,
                        max_objects=2, seed=2)
     generate_toy_datasets(str(tmp_path / 'data'), spec)

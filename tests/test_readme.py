@@ -1,12 +1,12 @@
 """Every tool command in the README names a script that exists, and every option it uses
 is one the script accepts, so the README cannot drift from the tools. (What the commands
 do is tested in the other files; `make test` and `make demo` are run by CI and
-tests/test_end_to_end.py.)"""
+tests/test_tool_main_job.py.)"""
 import re
-import subprocess
-import sys
 
 import pytest
+from test_tools import tool_help
+
 from testlib import REPO
 
 COMMAND = re.compile(r'^(?:[A-Z_]+=\S+ )*(python|bash) (tools/\S+)(.*)$')
@@ -40,8 +40,7 @@ def test_readme_command_matches_its_tool(script, options):
     assert path.is_file(), f'README names {script}, which does not exist'
     if path.suffix != '.py':
         return
-    result = subprocess.run([sys.executable, str(path), '--help'], capture_output=True,
-                            text=True, cwd=REPO, timeout=300)
+    result = tool_help(script)
     assert result.returncode == 0, result.stderr[-2000:]
     for option in options:
         assert option in result.stdout, f'{script} does not accept {option}'

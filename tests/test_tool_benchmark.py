@@ -2,18 +2,15 @@
 import re
 
 import pytest
+
+from rest_mm.cli import benchmark
+
 from testlib import TOY_CONFIG_DIR
 
 TOY_RETINANET = str(TOY_CONFIG_DIR / 'retinanet_rest_small_toy.py')
 
 
-
-@pytest.fixture(scope='module')
-def benchmark(load_tool):
-    return load_tool('benchmark')
-
-
-def test_benchmark_compares_and_plots(benchmark, capsys, tmp_path):
+def test_benchmark_compares_and_plots(capsys, tmp_path):
     plot = tmp_path / 'latency.png'
     benchmark.main(['rest_lite', 'straightforward_rest_lite', 'pvtv2_b1', '--compare',
                     '--size', '64x96', '48x48', '--runs', '2', '--warmup', '0',
@@ -29,7 +26,7 @@ def test_benchmark_compares_and_plots(benchmark, capsys, tmp_path):
     assert plot.stat().st_size > 1000
 
 
-def test_benchmark_training_step_and_memory(benchmark, capsys):
+def test_benchmark_training_step_and_memory(capsys):
     benchmark.main(['restv2_tiny', '--size', '64x64', '--batch', '2', '--mode', 'train',
                     '--runs', '1', '--warmup', '0', '--memory'])
     out = capsys.readouterr().out
@@ -43,7 +40,7 @@ def test_benchmark_training_step_and_memory(benchmark, capsys):
     ([], '--compare'),
     ([TOY_RETINANET, '--plot', TOY_RETINANET], 'the output is the config'),  # issue 10
 ])
-def test_benchmark_refuses_bad_arguments_clearly(benchmark, capsys, args, message):
+def test_benchmark_refuses_bad_arguments_clearly(capsys, args, message):
     with pytest.raises(SystemExit):
         benchmark.main(args)
     assert message in capsys.readouterr().err

@@ -3,9 +3,10 @@ import subprocess
 import sys
 
 import torch
-from testlib import REPO
 
 from rest_mm import convert_checkpoint
+
+from testlib import REPO
 
 
 def test_convert_weights_tool(tmp_path, reference_dir):

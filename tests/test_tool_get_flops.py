@@ -1,12 +1,8 @@
 """tools/get_flops.py: parameter and FLOP counts of backbones and configs."""
+from rest_mm.cli import get_flops
+from rest_mm.presets import PRESET_NAMES
 
-import pytest
 from testlib import CONFIG_DIR
-
-
-@pytest.fixture(scope='module')
-def get_flops(load_tool):
-    return load_tool('get_flops')
 
 
 def _table(text):
@@ -16,10 +12,10 @@ def _table(text):
              and not line.startswith('| config'))}
 
 
-def test_flops_at_224_match_the_published_numbers(get_flops, capsys):
+def test_flops_at_224_match_the_published_numbers(capsys):
     get_flops.main(['--no-configs'])
     table = _table(capsys.readouterr().out)
-    assert set(table) == set(get_flops.BACKBONES)
+    assert set(table) == set(PRESET_NAMES)
     for name, (_, _, published_params, flops, convention, published_flops) in table.items():
         if name.startswith('restv2'):
             assert abs(float(flops) / float(published_flops) - 1) < 0.005, name
@@ -33,7 +29,7 @@ def test_flops_at_224_match_the_published_numbers(get_flops, capsys):
     assert abs(params['rest_small'] - 13.66) < 0.05 and abs(params['restv2_tiny'] - 30) < 0.5
 
 
-def test_get_flops_counts_a_config_model(get_flops, capsys):
+def test_get_flops_counts_a_config_model(capsys):
     config = CONFIG_DIR / 'segmentation/upernet_restv2_tiny_ade20k.py'
     get_flops.main(['--backbones', '--configs', str(config), '--config-size', '64x128'])
     row = _table(capsys.readouterr().out)['upernet_restv2_tiny_ade20k']

@@ -3,7 +3,12 @@
 # their backbone builder, and detectron2's defaults for what they leave unset). The README's
 # "Configs" table lists every item; tests/test_recipes.py checks them.
 # Published: 40.3 box AP, 23.4 M parameters.
-_base_ = ['mmdet::retinanet/retinanet_r50_fpn_1x_coco.py']
+_base_ = [
+    'mmdet::_base_/models/retinanet_r50_fpn.py',
+    'mmdet::_base_/datasets/coco_detection.py',
+    'mmdet::retinanet/retinanet_tta.py',
+    '../_base_/detectron2_1x.py',
+]
 
 custom_imports = dict(imports=['rest_mm', 'rest_mm.dense_heads'], allow_failed_imports=False)
 
@@ -55,28 +60,8 @@ test_pipeline = [
     dict(type='PackDetInputs',
          meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
 ]
-# detectron2 counts iterations of 16 images (2 per GPU x 8 GPUs): 90k of them (12.3 COCO
-# epochs), the learning rate x0.1 at 60k and 80k, evaluation at the end.
-max_iters = 90000
-train_cfg = dict(_delete_=True, type='IterBasedTrainLoop', max_iters=max_iters,
-                 val_interval=max_iters)
+# Schedule and AdamW: ../_base_/detectron2_1x.py; no gradient clipping (Base-RetinaNet.yaml).
 train_dataloader = dict(batch_size=2, sampler=dict(type='InfiniteSampler', shuffle=True),
                         dataset=dict(pipeline=train_pipeline))
 val_dataloader = dict(dataset=dict(pipeline=test_pipeline))
 test_dataloader = val_dataloader
-param_scheduler = [
-    # detectron2's warm-up: 1000 iterations, linear from 0.001 (mmengine's linear
-    # scheduler reaches its end value at iteration `end - 1`, detectron2's at 1000).
-    dict(type='LinearLR', start_factor=0.001, by_epoch=False, begin=0, end=1001),
-    dict(type='MultiStepLR', by_epoch=False, begin=0, end=max_iters,
-         milestones=[60000, 80000], gamma=0.1)
-]
-default_hooks = dict(checkpoint=dict(by_epoch=False, interval=5000))
-log_processor = dict(by_epoch=False)
-
-# AdamW, lr 1e-4, weight decay 0.05; none on normalization layers, found by module type
-# as detectron2 does (WEIGHT_DECAY_NORM = 0). No gradient clipping (Base-RetinaNet.yaml).
-optim_wrapper = dict(
-    optimizer=dict(_delete_=True, type='AdamW', lr=1e-4, betas=(0.9, 0.999),
-                   weight_decay=0.05),
-    paramwise_cfg=dict(norm_decay_mult=0.))

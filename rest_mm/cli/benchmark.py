@@ -45,12 +45,11 @@ from typing import Callable, Dict, List, Tuple
 import torch
 from torch import nn
 
-from rest_mm.runtime import refuse_output_over_inputs
+from rest_mm.cli.builders import build_config_model, build_ours, data_samples, parse_size
+from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.presets import PRESET_NAMES
 from rest_mm.testing import straightforward
 
-
-OURS = [f'rest_{a}' for a in ('lite', 'small', 'base', 'large')] + [
-    f'restv2_{a}' for a in ('tiny', 'small', 'base', 'large')]
 STRAIGHTFORWARD_PREFIX = 'straightforward_'
 PEERS = {
     'pvt_small': dict(type='PyramidVisionTransformer', num_layers=[3, 4, 6, 3]),
@@ -63,30 +62,7 @@ DEFAULT_COMPARISON = ['rest_small', 'straightforward_rest_small', 'restv2_tiny',
 
 
 def known_names() -> List[str]:
-    return OURS + [STRAIGHTFORWARD_PREFIX + n for n in OURS] + list(PEERS)
-
-
-def build_ours(name: str) -> nn.Module:
-    from rest_mm import ResT, ResTV2
-    family, _, arch = name.partition('_')
-    return (ResT if family == 'rest' else ResTV2)(arch=arch)
-
-
-def build_config_model(path: str) -> nn.Module:
-    from mmengine.config import Config
-    from mmengine.registry import init_default_scope
-
-    import rest_mm  # noqa: F401 (registers the backbones)
-    cfg = Config.fromfile(path)
-    scope = cfg.get('default_scope', 'mmdet')
-    init_default_scope(scope)
-    if scope == 'mmseg':
-        from mmseg.registry import MODELS
-    else:
-        from mmdet.registry import MODELS
-    model = MODELS.build(cfg.model)
-    model.default_scope = scope
-    return model
+    return list(PRESET_NAMES) + [STRAIGHTFORWARD_PREFIX + n for n in PRESET_NAMES] + list(PEERS)
 
 
 def build_model(name: str) -> nn.Module:
@@ -96,9 +72,10 @@ def build_model(name: str) -> nn.Module:
         if not Path(name).is_file():
             raise FileNotFoundError(f'config {name!r} does not exist')
         return build_config_model(name)
-    if name in OURS:
+    if name in PRESET_NAMES:
         return build_ours(name)
-    if name.startswith(STRAIGHTFORWARD_PREFIX) and name[len(STRAIGHTFORWARD_PREFIX):] in OURS:
+    if name.startswith(STRAIGHTFORWARD_PREFIX) and \
+            name[len(STRAIGHTFORWARD_PREFIX):] in PRESET_NAMES:
         return straightforward.build(name[len(STRAIGHTFORWARD_PREFIX):])
     if name in PEERS:
         from mmdet.registry import MODELS
@@ -112,12 +89,12 @@ def make_step(model: nn.Module, batch: int, size: Tuple[int, int],
               mode: str) -> Callable[[], None]:
     """One inference call (``forward``) or one training step's forward and backward."""
     images = torch.randn(batch, 3, *size)
-    data_samples = _data_samples(model, batch, size)
+    samples = data_samples(model, batch, size)
 
     def run(m):
-        if data_samples is None:
+        if samples is None:
             return m(images)
-        return m(images, data_samples, mode='tensor')
+        return m(images, samples, mode='tensor')
 
     if mode == 'forward':
         model.eval()
@@ -133,20 +110,6 @@ def make_step(model: nn.Module, batch: int, size: Tuple[int, int],
             outputs = _tensors(run(model))
             sum(o.float().mean() for o in outputs).backward()
     return step
-
-
-def _data_samples(model: nn.Module, batch: int, size: Tuple[int, int]):
-    """What a config-built model's ``tensor`` mode needs beside the images."""
-    scope = getattr(model, 'default_scope', None)
-    if scope is None:
-        return None
-    meta = dict(img_shape=size, ori_shape=size, pad_shape=size, batch_input_shape=size,
-                scale_factor=(1., 1.))
-    if scope == 'mmseg':
-        from mmseg.structures import SegDataSample
-        return [SegDataSample(metainfo=meta) for _ in range(batch)]
-    from mmdet.structures import DetDataSample
-    return [DetDataSample(metainfo=meta) for _ in range(batch)]
 
 
 def _tensors(outputs) -> List[torch.Tensor]:
@@ -214,8 +177,9 @@ def probe_memory(name: str, batch: int, size: Tuple[int, int], mode: str) -> dic
 
 def measure_memory(name: str, args, size: Tuple[int, int]) -> float:
     """Peak memory growth in MiB, measured in a subprocess."""
-    command = [sys.executable, __file__, name, '--probe-memory', '--size', f'{size[0]}x{size[1]}',
-               '--batch', str(args.batch), '--mode', args.mode]
+    command = [sys.executable, '-c', 'from rest_mm.cli.benchmark import main; main()', name,
+               '--probe-memory', '--size', f'{size[0]}x{size[1]}', '--batch', str(args.batch),
+               '--mode', args.mode]
     if args.threads:
         command += ['--threads', str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -252,16 +216,6 @@ def straightforward_difference(ours: nn.Module, straightforward: nn.Module,
             difference = max(difference, (out - expected).abs().max().item())
         worst.append(difference)
     return tuple(worst)
-
-
-def parse_size(text: str) -> Tuple[int, int]:
-    try:
-        height, width = (int(v) for v in text.lower().split('x'))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} must look like 800x1344 (HxW)')
-    if height < 1 or width < 1:
-        raise argparse.ArgumentTypeError(f'size {text!r} must be positive')
-    return height, width
 
 
 def parse_args(argv=None):

@@ -1,23 +1,70 @@
-"""A backbone on its own, outside any detector or segmentor, for the inspection tools.
+"""Models built for the tools, by preset name or from a config, with random or given weights.
 
-``tools/visualize.py`` and ``tools/export_onnx.py`` take either one of our configs (the
-backbone is read from it) or a preset name such as ``rest_small`` or ``restv2_tiny``, and
-optional weights in any layout the converter accepts: the authors' ImageNet release, a
-converted file, or a whole detector/segmentor checkpoint trained with this repo.
+``tools/visualize.py`` and ``tools/export_onnx.py`` inspect a backbone on its own
+(:func:`build_standalone_backbone`); ``tools/benchmark.py`` and ``tools/get_flops.py`` time
+and count backbones (:func:`build_ours`) and whole models (:func:`build_config_model`, fed
+:func:`data_samples`). Preset names are those of :data:`rest_mm.presets.PRESET_NAMES`.
 """
+import argparse
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 from mmengine.config import Config
 from torch import nn
 
-from .checkpoint import load_pretrained
-from .rest import ResT, ResTV2
+from rest_mm.checkpoint import load_pretrained
+from rest_mm.presets import PRESET_NAMES, parse_preset_name
+from rest_mm.rest import BACKBONES
 
-BACKBONES = {'ResT': ResT, 'ResTV2': ResTV2}
-# Preset names: 'rest_' + a ResT arch or 'restv2_' + a ResTV2 arch.
-ARCH_NAMES = tuple([f'rest_{arch}' for arch in ResT.arch_zoo] +
-                   [f'restv2_{arch}' for arch in ResTV2.arch_zoo])
+
+def build_ours(name: str) -> nn.Module:
+    """Our backbone of the preset ``name`` (e.g. ``'rest_small'``), randomly initialised."""
+    model_name, arch = parse_preset_name(name)
+    return BACKBONES[model_name](arch=arch)
+
+
+def build_config_model(path: str) -> nn.Module:
+    """The whole model of the mmdet or mmseg config at ``path``, with its library's default
+    scope set and noted as ``model.default_scope``."""
+    from mmengine.registry import init_default_scope
+
+    import rest_mm  # noqa: F401 (registers the backbones)
+    cfg = Config.fromfile(path)
+    scope = cfg.get('default_scope', 'mmdet')
+    init_default_scope(scope)
+    if scope == 'mmseg':
+        from mmseg.registry import MODELS
+    else:
+        from mmdet.registry import MODELS
+    model = MODELS.build(cfg.model)
+    model.default_scope = scope
+    return model
+
+
+def data_samples(model: nn.Module, batch: int, size: Tuple[int, int]) -> Optional[List]:
+    """What a config-built model's ``tensor`` mode needs beside the images; None for a
+    backbone."""
+    scope = getattr(model, 'default_scope', None)
+    if scope is None:
+        return None
+    meta = dict(img_shape=size, ori_shape=size, pad_shape=size, batch_input_shape=size,
+                scale_factor=(1., 1.))
+    if scope == 'mmseg':
+        from mmseg.structures import SegDataSample
+        return [SegDataSample(metainfo=meta) for _ in range(batch)]
+    from mmdet.structures import DetDataSample
+    return [DetDataSample(metainfo=meta) for _ in range(batch)]
+
+
+def parse_size(text: str) -> Tuple[int, int]:
+    """``'800x1344'`` -> ``(800, 1344)`` (H, W), for argparse's ``type``."""
+    try:
+        height, width = (int(v) for v in text.lower().split('x'))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'size {text!r} must look like 800x1344 (HxW)')
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f'size {text!r} must be positive')
+    return height, width
 
 
 def backbone_config(config_or_arch: str) -> Tuple[dict, str]:
@@ -25,21 +72,19 @@ def backbone_config(config_or_arch: str) -> Tuple[dict, str]:
 
     Args:
         config_or_arch (str): A config file whose ``model.backbone`` is a ResT/ResTV2, or
-            a preset name from :data:`ARCH_NAMES`.
+            a preset name from :data:`rest_mm.presets.PRESET_NAMES`.
 
     Returns:
         tuple: ``(dict with 'type' and constructor args, description)``. A config's
         ``init_cfg`` is dropped: weights come only from the checkpoint passed to
         :func:`build_standalone_backbone`, so nothing is ever downloaded.
     """
-    name = config_or_arch.lower()
-    if name in ARCH_NAMES:
-        model_type, arch = ('ResTV2', name[len('restv2_'):]) if name.startswith('restv2_') \
-            else ('ResT', name[len('rest_'):])
+    if config_or_arch.lower() in PRESET_NAMES:
+        model_type, arch = parse_preset_name(config_or_arch)
         return dict(type=model_type, arch=arch), f'{model_type}({arch!r})'
     if not Path(config_or_arch).is_file():
         raise ValueError(f'{config_or_arch!r} is neither a config file nor a preset name; '
-                         f'the presets are {", ".join(ARCH_NAMES)}')
+                         f'the presets are {", ".join(PRESET_NAMES)}')
     cfg = Config.fromfile(config_or_arch)
     backbone = cfg.get('model', {}).get('backbone')
     if backbone is None or backbone.get('type') not in BACKBONES:
@@ -55,7 +100,8 @@ def backbone_config(config_or_arch: str) -> Tuple[dict, str]:
 
 def build_standalone_backbone(config_or_arch: str,
                               checkpoint: Optional[str] = None) -> Tuple[nn.Module, str]:
-    """Build a ResT/ResTV2 in eval mode, with weights from ``checkpoint`` if given.
+    """A ResT/ResTV2 in eval mode, with weights from ``checkpoint`` (any layout the
+    converter accepts) if given.
 
     Without a checkpoint the weights are torch's default random initialisation (the
     backbone's ``init_weights`` is not called: it would log every parameter).

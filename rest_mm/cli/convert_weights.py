@@ -1,16 +1,9 @@
 """Convert an authors' ResT/ResTv2 checkpoint to rest_mm's key names.
 
-    python tools/convert_weights.py rest_small.pth checkpoints/rest_small.pth
-    python tools/convert_weights.py retinanet_rest_small.pth retinanet_rest_small_mm.pth
-    python tools/test.py configs/detection/retinanet_rest_small_coco.py retinanet_rest_small_mm.pth
-
-The kind of checkpoint is recognised by its keys: an ImageNet backbone (the authors'
-release, a detectron2 conversion of it, or a detector/segmentor trained with this repo)
-becomes backbone weights for ``init_cfg=dict(type='Pretrained', checkpoint=DST)``; the
-authors' released detectron2 detectors (``.pth`` or ``.pkl``) and mmseg 0.x segmentors
-become whole mmdet / mmseg 1.x checkpoints that ``tools/test.py`` evaluates with the config
-the tool names. The output is ``{'state_dict': weights, 'meta': ...}``; converting it again
-changes nothing. SRC is never written to.
+The kind is recognised by its keys (:func:`rest_mm.conversion.convert_released`): ImageNet
+backbones become backbone weights for ``init_cfg``; the authors' detectron2 detectors and
+mmseg 0.x segmentors become whole mmdet / mmseg 1.x checkpoints for ``tools/test.py``.
+Converting the output again changes nothing; SRC is never written to, DST atomically.
 """
 import argparse
 import os

@@ -1,17 +1,10 @@
 """Run a detector or segmentor on images and draw what it predicts.
 
-    python tools/demo.py IMAGE_OR_FOLDER CONFIG [CHECKPOINT] --out-dir DIR
-
-The library comes from the config's ``default_scope``: ``mmdet`` configs go through
-mmdet's ``DetInferencer`` (boxes, and masks for Mask R-CNN), ``mmseg`` configs through
-mmseg's ``MMSegInferencer`` (a class overlay); both draw with their library's own
-visualiser. Each picture is written to ``DIR/<input file name>`` and a one-line summary of
-its predictions is printed. Without a checkpoint the weights are random and nothing is
-downloaded: the pictures then show that the pipeline runs, not what the model can do.
-
-DIR may not be an input (nor hold one, nor lie in an input folder): the pictures would
-overwrite the images. In a folder, an image that cannot be read or run is reported and
-skipped, the others are processed, and the tool exits with status 1 at the end.
+mmdet configs go through mmdet's ``DetInferencer``, mmseg configs through mmseg's
+``MMSegInferencer``, each drawing with its library's visualiser. The checkpoint is read and
+checked against the whole model first; without one the weights are random and nothing is
+downloaded. In a folder, an image that cannot be read or run is reported and skipped, and
+the tool exits with status 1 at the end.
 """
 import argparse
 import glob
@@ -27,7 +20,7 @@ from rich.progress import track
 # Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
-from rest_mm.runtime import refuse_output_over_inputs
+from rest_mm.cli.runtime import refuse_output_over_inputs
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 LIBRARIES = ('mmdet', 'mmseg')
@@ -59,7 +52,8 @@ def list_images(inputs: str):
         images = sorted(p for p in path.iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
-            raise SystemExit(f'{inputs} holds no image files (looked for {", ".join(IMAGE_SUFFIXES)})')
+            raise SystemExit(f'{inputs} holds no image files (looked for '
+                             f'{", ".join(IMAGE_SUFFIXES)})')
         return images
     if not path.is_file():
         raise SystemExit(f'{inputs} is neither an image file nor a folder')
@@ -130,8 +124,9 @@ def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
 def summarise(library: str, prediction, classes, score_thr: float) -> str:
     """One line: detections above the threshold, or the classes covering most pixels."""
     if library == 'mmdet':
-        kept = sorted(((s, classes[l]) for s, l in zip(prediction['scores'], prediction['labels'])
-                       if s >= score_thr), reverse=True)
+        kept = sorted(((score, classes[label]) for score, label
+                       in zip(prediction['scores'], prediction['labels'])
+                       if score >= score_thr), reverse=True)
         top = ', '.join(f'{name} {score:.2f}' for score, name in kept[:5])
         return f'{len(kept)} objects with score >= {score_thr}' + (f': {top}' if top else '')
     labels, counts = torch.as_tensor(prediction).unique(return_counts=True)

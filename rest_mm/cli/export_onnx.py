@@ -1,27 +1,10 @@
 """Export a ResT/ResTV2 backbone, or a whole mmseg segmentor, to ONNX with dynamic sizes.
 
-    python tools/export_onnx.py CONFIG_OR_ARCH [CHECKPOINT] --out FILE.onnx
-    python tools/export_onnx.py SEG_CONFIG [CHECKPOINT] --segmentor --out FILE.onnx
-
-Batch, height and width are dynamic: one file takes images of any size, and after writing
-it the tool checks with onnxruntime that the file reproduces PyTorch at several sizes
-(``--verify-sizes``, by default 224x224, 200x328 with a batch of 2, and 333x517).
-
-* Backbone: input ``image`` (``B×3×H×W``, normalised RGB), outputs ``stage1..stage4``
-  (those in ``out_indices``), ``B×C_i×ceil(H/s)×ceil(W/s)`` with ``s = 4, 8, 16, 32``.
-* Segmentor (``--segmentor``, an mmseg ``EncoderDecoder`` config): the tensor-mode forward,
-  input ``image`` as above (normalised with the config's ``data_preprocessor``), output
-  ``seg_logits`` at the decode head's resolution (``ceil(H/4)×ceil(W/4)`` for UperNet),
-  before the resize to the image that ``predict`` does. ONNX has no adaptive pooling,
-  so the pyramid pooling's ``AdaptiveAvgPool2d`` layers are swapped for an exact
-  equivalent that computes the same bins from the input's size.
-* Detectors are not exported: their outputs need mmdet's box decoding and NMS, which
-  belong to a deployment tool such as mmdeploy.
-
-The exporter is torch's TorchScript one (``dynamo=False``): it handles the backbones'
-size arithmetic and ``scaled_dot_product_attention`` at opset 17 in seconds and needs no
-extra package. (torch's default ``dynamo=True`` exporter also works, given ``onnxscript``
-and an example batch larger than 1, but takes about six times longer.)
+Batch, height and width are dynamic; after writing, the tool checks with onnxruntime that
+the file reproduces PyTorch at several sizes (:func:`verify` says within what). Detectors
+are not exported: their outputs need box decoding and NMS outside the network. The exporter
+is torch's TorchScript one (``dynamo=False``, opset 17): seconds, and no extra package.
+README, "ONNX export", says more.
 """
 import argparse
 import copy
@@ -35,8 +18,9 @@ import torch
 from torch import nn
 
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
-from rest_mm.runtime import refuse_output_over_inputs
-from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
+from rest_mm.cli.builders import build_standalone_backbone
+from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.presets import PRESET_NAMES
 
 DEFAULT_SIZES = ((1, 224, 224), (2, 200, 328), (1, 333, 517))
 OPSET = 17  # the first with LayerNormalization; SDPA is exported as MatMul/Softmax
@@ -45,7 +29,7 @@ OPSET = 17  # the first with LayerNormalization; SDPA is exported as MatMul/Soft
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('config_or_arch',
-                        help=f'a config file or a backbone preset: {", ".join(ARCH_NAMES)}')
+                        help=f'a config file or a backbone preset: {", ".join(PRESET_NAMES)}')
     parser.add_argument('checkpoint', nargs='?', default=None,
                         help='weights: for a backbone any layout the converter accepts, for '
                         '--segmentor a checkpoint of the whole segmentor; default random')

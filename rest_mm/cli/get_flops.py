@@ -28,13 +28,10 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / 'tools'))
+from rest_mm.cli.builders import build_config_model, build_ours, data_samples, parse_size
+from rest_mm.presets import PRESET_NAMES
 
-from benchmark import build_config_model, build_ours, parse_size, _data_samples  # noqa: E402
-
-BACKBONES = ['rest_lite', 'rest_small', 'rest_base', 'rest_large', 'restv2_tiny',
-             'restv2_small', 'restv2_base', 'restv2_large']
+REPO = Path(__file__).resolve().parents[2]
 # ARCHITECTURE.md: ImageNet models with their 1000-class head; params in M, FLOPs in G @224.
 PUBLISHED_BACKBONES = {
     'rest_lite': (10.49, 1.4), 'rest_small': (13.66, 1.9), 'rest_base': (30.28, 4.3),
@@ -85,7 +82,7 @@ def config_flops(path: str, size: Optional[Tuple[int, int]] = None) -> Dict[str,
     if size is None:
         size = SEGMENTATION_SIZE if model.default_scope == 'mmseg' else DETECTION_SIZE
     images = torch.randn(1, 3, *size)
-    wrapper = _TensorMode(model, _data_samples(model, 1, size))
+    wrapper = _TensorMode(model, data_samples(model, 1, size))
     with torch.no_grad():
         flops = flop_analyzer(wrapper, (images, )).total()
     return dict(params=count_params(model), flops=flops, size=size)
@@ -102,8 +99,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split('\n', 1)[1])
-    parser.add_argument('--backbones', nargs='*', default=BACKBONES, choices=BACKBONES,
-                        metavar='NAME', help=f'backbones to count (default: all of {BACKBONES})')
+    parser.add_argument('--backbones', nargs='*', default=list(PRESET_NAMES),
+                        choices=PRESET_NAMES, metavar='NAME',
+                        help=f'backbones to count (default: all of {list(PRESET_NAMES)})')
     parser.add_argument('--size', type=parse_size, default=(224, 224),
                         help='backbone input size HxW (default 224x224)')
     parser.add_argument('--configs', nargs='*', default=None,

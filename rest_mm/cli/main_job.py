@@ -1,45 +1,29 @@
 """The main job (``make demo``): RetinaNet-ResT-Small learns the built-in shapes data on CPU.
 
-Steps, each through the same code as ``tools/train.py`` and ``tools/test.py``:
+It runs through the code of ``tools/train.py`` and ``tools/test.py``.
 
-1. generate ``data/toy_coco`` (and ``data/toy_ade``) if missing or stale;
-2. evaluate the freshly initialised model with mmdet's COCO metric (the baseline);
-3. train from scratch (progress and an ETA are logged every 10 iterations, the bbox mAP
-   at each validation);
-4. test the saved checkpoint, writing pictures of its predictions;
-5. print the bbox mAP before and after, and save them to ``results.json``.
-
-::
-
-    python tools/main_job.py [--work-dir work_dirs/main_job] [--cfg-options ...]
+Steps: generate ``data/toy_coco`` (and ``data/toy_ade``) if missing or stale; evaluate the
+freshly initialised model (the baseline); train from scratch; test the saved checkpoint,
+writing pictures of its predictions; print the bbox mAP before and after and save them to
+``results.json``.
 """
 import argparse
-import importlib.util
 import json
 import os.path as osp
-import sys
 import time
+from pathlib import Path
 
 from mmengine.config import DictAction
 from mmengine.runner import Runner
 
-from rest_mm import runtime
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
-from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
+from rest_mm.cli import test as test_tool
+from rest_mm.cli import train as train_tool
+from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
-TOOLS = osp.dirname(osp.abspath(__file__))
-REPO = osp.dirname(TOOLS)
-CONFIG = osp.join(REPO, 'configs', 'toy', 'retinanet_rest_small_toy.py')
+REPO = Path(__file__).resolve().parents[2]
+CONFIG = str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py')
 METRICS = ('coco/bbox_mAP', 'coco/bbox_mAP_50', 'coco/bbox_mAP_75')
-
-
-def _load_tool(name: str):
-    """tools/<name>.py as a module (tools/ is no package, and ``test`` is a stdlib name)."""
-    spec = importlib.util.spec_from_file_location(f'rest_mm_tool_{name}',
-                                                  osp.join(TOOLS, f'{name}.py'))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def parse_args(argv=None):
@@ -71,7 +55,6 @@ def _banner(text: str):
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
-    train_tool, test_tool = _load_tool('train'), _load_tool('test')
     allow_mmengine_checkpoints()
 
     _banner(f'1/4 toy data under {args.data_root}/')
@@ -128,7 +111,3 @@ def main(argv=None) -> dict:
     print(f'  {results["minutes"]} minutes; pictures of the predictions in {pictures}/; '
           f'checkpoint {checkpoint}', flush=True)
     return results
-
-
-if __name__ == '__main__':
-    sys.exit(0 if main() else 1)

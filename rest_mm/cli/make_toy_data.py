@@ -1,16 +1,11 @@
 """Generate the built-in shapes dataset (COCO and ADE20K layouts) for the toy configs.
 
-::
-
-    python tools/make_toy_data.py                    # data/toy_coco and data/toy_ade
-    python tools/make_toy_data.py --num-train 64 --out-dir /tmp/data --force
-
 Up-to-date data (same arguments) is left alone unless ``--force`` is given.
 """
 import argparse
 from dataclasses import fields
 
-from rest_mm.toy_data import ToyDataSpec, generate_toy_datasets
+from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
 
 def parse_args(argv=None):

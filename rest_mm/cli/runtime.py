@@ -1,9 +1,11 @@
-"""What the tools add to mmengine's Runner: config loading and adaptation to a machine
-without CUDA (gloo, no ``torch.cuda.set_device``, SyncBN as BN), a logger hook that writes
-the test metrics from rank 0 only, checks of data and checkpoint paths before anything is
-built, one rule that no tool writes over what it reads, and removal of what a run that
-failed to start left behind. README, "Train, test, distributed", says why each is needed.
+"""Runner support for ``tools/train.py`` and ``tools/test.py``: their shared options, config
+loading, adaptation to a machine without CUDA, a logger hook that writes the test metrics
+from rank 0 only, input checks before anything is built, the rule that no tool writes over
+what it reads, and clean-up after a run that failed to start. README, "Train, test,
+distributed", says why each is needed. Importing it registers ``RankZeroLoggerHook`` in
+mmengine's HOOKS.
 """
+import argparse
 import fnmatch
 import os
 import os.path as osp
@@ -11,10 +13,10 @@ import re
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Dict, Iterable, Iterator, List, Mapping, Optional, Sequence, Tuple
+from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
 
 import torch
-from mmengine.config import Config, ConfigDict
+from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import print_log
@@ -28,6 +30,48 @@ _DATA_HINTS = {
     'mmseg': ('download ADEChallengeData2016 into data/ade/ as described in '
               "mmseg's docs (user_guides/2_dataset_prepare.md)"),
 }
+
+
+# ---------------------------------------------------------------------------------------
+# The command line train and test share.
+# ---------------------------------------------------------------------------------------
+def add_runner_arguments(parser: argparse.ArgumentParser, purpose: str, work_dir_holds: str,
+                         loading: str, example_prefix: str, example_options: str) -> None:
+    """Add the config (first positional argument), ``--work-dir``, ``--allow-missing``,
+    ``--cfg-options``, ``--launcher`` and ``--local-rank``.
+
+    Args:
+        parser (ArgumentParser): The tool's parser.
+        purpose (str): ``'train'`` or ``'test'``, for the config's help.
+        work_dir_holds (str): What the run writes to the work dir, for its help.
+        loading (str): What ``--allow-missing`` makes partial (``'load_from'``,
+            ``'load'``), for its help.
+        example_prefix (str): A model key prefix, for ``--allow-missing``'s help.
+        example_options (str): ``key=value`` examples, for ``--cfg-options``' help.
+    """
+    parser.add_argument('config', help=f'{purpose} config file path')
+    parser.add_argument('--work-dir', help=f'the dir to save {work_dir_holds} '
+                        '(default: work_dirs/<config name>)')
+    parser.add_argument('--allow-missing', nargs='+', default=[], metavar='PREFIX',
+                        help=f'{loading} partially: model keys under these prefixes (e.g. '
+                        f'{example_prefix}) may be absent from the checkpoint or mis-shaped '
+                        'and keep their initialisation; checkpoint keys under them are ignored')
+    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
+                        help=f'override config settings, key=value pairs, e.g. {example_options}')
+    parser.add_argument('--launcher', choices=LAUNCHERS, default='none', help='job launcher')
+    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead).
+    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
+
+
+def parse_runner_arguments(parser: argparse.ArgumentParser,
+                           argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    """Parse the command line of a parser built with :func:`add_runner_arguments`: sets
+    ``LOCAL_RANK`` from ``--local-rank`` unless set, and refuses a missing config."""
+    args = parser.parse_args(argv)
+    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    if not osp.isfile(args.config):
+        parser.error(f'config {args.config!r} does not exist')
+    return args
 
 
 # ---------------------------------------------------------------------------------------

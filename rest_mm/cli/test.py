@@ -1,43 +1,31 @@
-"""Evaluate a trained detector or segmentor from an mmdet or mmseg config.
+"""Evaluate a trained detector or segmentor with its config's ``test_evaluator`` (COCO
+mAP, mIoU, ...).
 
-::
-
-    python tools/test.py CONFIG CHECKPOINT [--show-dir DIR] [--out results.pkl] [--tta]
-    bash tools/dist_test.sh CONFIG CHECKPOINT 8
-
-The metric is the config's ``test_evaluator`` (COCO bbox/segm mAP, mIoU, ...).
-
-The checkpoint is verified (zip checksums) and must fit the whole model: nothing missing,
-left over or mis-shaped, or the tool stops with the keys (mmengine alone would test a
-partly random model after a warning). ``--allow-missing PREFIX ...`` loads partially, by
-name. ``--out``, ``--show-dir`` and the work dir may not overwrite the config, the
-checkpoint or the dataset.
+The checkpoint is read once, verified, and must fit the whole model (mmengine alone would
+test a partly random model after a warning); ``--allow-missing`` loads partially, by name.
+``--out``, ``--show-dir`` and the work dir may not overwrite an input.
 """
 import argparse
-import os
 import os.path as osp
+from typing import Mapping
 
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
-from rest_mm import runtime
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.cli import runtime
 from rest_mm.detectron2 import check_preprocessing
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and evaluate) an mmdet or mmseg model')
-    parser.add_argument('config', help='test config file path')
+    runtime.add_runner_arguments(parser, 'test', 'the file containing the metrics',
+                                 'load', 'auxiliary_head.',
+                                 'test_dataloader.batch_size=4')
     parser.add_argument('checkpoint', help='checkpoint file')
-    parser.add_argument('--work-dir', help='the dir to save the file containing the metrics '
-                        '(default: work_dirs/<config name>)')
     parser.add_argument('--out', help='also dump the predictions to this .pkl file')
-    parser.add_argument('--allow-missing', nargs='+', default=[], metavar='PREFIX',
-                        help='load partially: model keys under these prefixes (e.g. '
-                        'auxiliary_head.) may be absent from the checkpoint or mis-shaped and '
-                        'keep their initialisation; checkpoint keys under them are ignored')
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
     parser.add_argument('--show-dir', help='save pictures of the predictions in this dir '
                         '(mmdet: relative paths are under work_dir/<timestamp>/)')
@@ -46,16 +34,7 @@ def parse_args(argv=None):
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation: the config's tta_pipeline and tta_model "
                         '(UperNet: multi-scale + flip, as the published ADE20K mIoU)')
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override config settings, key=value pairs, e.g. test_dataloader.batch_size=4')
-    parser.add_argument('--launcher', choices=runtime.LAUNCHERS, default='none',
-                        help='job launcher')
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
-    if not osp.isfile(args.config):
-        parser.error(f'config {args.config!r} does not exist')
+    args = runtime.parse_runner_arguments(parser, argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         parser.error(f'--out must name a .pkl file, got {args.out!r}')
     return args
@@ -124,6 +103,23 @@ def build_config(args) -> Config:
     return runtime.adapt_config_to_device(cfg, args.launcher)
 
 
+def _load_when_the_runner_would(runner, checkpoint: Mapping, path: str) -> None:
+    """Have ``runner`` load ``checkpoint``, already read and verified, instead of reading
+    ``path`` again: at the point of its run where it would (after the ``before_run`` hooks)
+    and as ``Runner.load_checkpoint`` does (``after_load_checkpoint`` hooks first)."""
+    from mmengine.runner.checkpoint import _load_checkpoint_to_model
+    pending = [checkpoint]
+
+    def load_or_resume():
+        if pending:
+            loaded = pending.pop()
+            runner.call_hook('after_load_checkpoint', checkpoint=loaded)
+            _load_checkpoint_to_model(_tested_model(runner.model), loaded)
+            runner.logger.info(f'Load checkpoint from {path}')
+
+    runner.load_or_resume = load_or_resume
+
+
 def main(argv=None):
     args = parse_args(argv)
     allow_mmengine_checkpoints()
@@ -149,6 +145,7 @@ def main(argv=None):
         except RuntimeError as error:
             raise SystemExit(f'tools/test.py: {error} To test a partly initialised model on '
                              f'purpose, name the parts: --allow-missing PREFIX ...')
+        _load_when_the_runner_would(runner, checkpoint, args.checkpoint)
         del checkpoint
         if args.out is not None:
             if cfg.default_scope == 'mmdet':
@@ -159,7 +156,3 @@ def main(argv=None):
         metrics = runner.test()
     runtime.close_distributed()
     return metrics
-
-
-if __name__ == '__main__':
-    main()

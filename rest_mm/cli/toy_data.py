@@ -1,4 +1,5 @@
-"""A small synthetic dataset of shapes, for seeing the pipeline learn without COCO.
+"""A small synthetic dataset of shapes, for seeing the pipeline learn without COCO (the
+toy configs name its classes; their palettes are theirs to choose).
 
 Each image holds one to four non-overlapping shapes (rectangles, ellipses, triangles) on
 a noisy background. Every shape is drawn from its polygon, and its instance mask, box and
@@ -34,8 +35,6 @@ SEG_CLASSES = ('background', ) + CLASSES
 # Hue centres in degrees (red, green, blue) and how far a shape's hue may stray.
 _CLASS_HUES = (0., 120., 240.)
 _HUE_SPREAD = 30.
-PALETTE = [(220, 20, 60), (20, 160, 60), (30, 60, 220)]
-SEG_PALETTE = [(0, 0, 0)] + PALETTE
 MANIFEST = 'toy_data.json'
 
 

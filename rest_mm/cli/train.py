@@ -1,35 +1,22 @@
-"""Train a detector or a segmentor from an mmdet or mmseg config.
+"""Train a detector or a segmentor from an mmdet or mmseg config (the library comes from
+its ``default_scope``), on the CPU where there is no CUDA.
 
-The library comes from the config's ``default_scope``, so one tool serves both::
-
-    python tools/train.py configs/detection/retinanet_rest_small_coco.py
-    python tools/train.py configs/segmentation/upernet_restv2_tiny_ade20k.py --amp
-    python tools/train.py CONFIG --resume                 # the work dir's latest checkpoint
-    python tools/train.py CONFIG --resume work_dirs/x/epoch_3.pth
-    bash tools/dist_train.sh CONFIG 8                     # 8 GPUs (or 8 CPU processes)
-
-Without CUDA it runs on the CPU: SyncBN becomes BN and distributed runs use gloo (see
-``rest_mm/runtime.py``).
-
-The checkpoint a run starts from (``--resume``, ``load_from``) is verified (zip checksums)
-and must fit the whole model (``--allow-missing PREFIX ...`` loads partially, by name); a
-``--resume`` file must be a training checkpoint. The work dir may not overwrite the config
-(the Runner copies it there) or the ``load_from`` checkpoint, nor lie in the dataset. A run
-refused at its start leaves nothing behind in the work dir.
+The checkpoint a run starts from (``--resume``, ``load_from``) is verified and must fit the
+whole model (``--allow-missing`` loads partially, by name); the work dir may not overwrite
+an input; a run refused at its start leaves nothing behind.
 """
 import argparse
-import os
 import os.path as osp
 from typing import Mapping, Optional
 
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner, find_latest_checkpoint
 
-from rest_mm import runtime
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
+from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.cli import runtime
 
 # What the Runner writes directly in the work dir, besides the copy of the config.
 RUN_OUTPUTS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth', 'last_checkpoint')
@@ -37,37 +24,22 @@ RUN_OUTPUTS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth', 'last_checkpoint')
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Train an mmdet or mmseg model')
-    parser.add_argument('config', help='train config file path')
-    parser.add_argument('--work-dir', help='the dir to save logs and checkpoints '
-                        '(default: work_dirs/<config name>)')
+    runtime.add_runner_arguments(
+        parser, 'train', 'logs and checkpoints', 'load_from', 'bbox_head.retina_cls.',
+        'train_cfg.max_epochs=2 "model.backbone.init_cfg=None"')
     parser.add_argument(
         '--resume', nargs='?', type=str, const='auto',
         help='resume from the given checkpoint, or without a value from the latest '
         'checkpoint in the work dir (starting afresh when there is none)')
-    parser.add_argument('--allow-missing', nargs='+', default=[], metavar='PREFIX',
-                        help='load_from partially: model keys under these prefixes (e.g. '
-                        'bbox_head.retina_cls.) may be absent from the checkpoint or mis-shaped '
-                        'and keep their initialisation; checkpoint keys under them are ignored')
     parser.add_argument('--amp', action='store_true',
                         help='automatic mixed precision (needs a CUDA GPU)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual total batch size '
                         "over the config's auto_scale_lr.base_batch_size")
-    parser.add_argument(
-        '--cfg-options', nargs='+', action=DictAction,
-        help='override config settings, key=value pairs, e.g. '
-        'train_cfg.max_epochs=2 "model.backbone.init_cfg=None"')
-    parser.add_argument('--launcher', choices=runtime.LAUNCHERS, default='none',
-                        help='job launcher')
-    # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead).
-    parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
-    args = parser.parse_args(argv)
-    os.environ.setdefault('LOCAL_RANK', str(args.local_rank))
+    args = runtime.parse_runner_arguments(parser, argv)
     if args.amp and not torch.cuda.is_available():
         parser.error('--amp needs a CUDA GPU and none is available (torch '
                      f'{torch.__version__}); train without --amp on the CPU')
-    if not osp.isfile(args.config):
-        parser.error(f'config {args.config!r} does not exist')
     return args
 
 

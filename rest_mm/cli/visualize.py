@@ -1,22 +1,9 @@
 """Look inside a ResT/ResTV2 backbone: one figure per image, one column per stage.
 
-    python tools/visualize.py IMAGE CONFIG_OR_ARCH [CHECKPOINT] --out FILE.png [--query X Y]
-
-Rows, each overlaid on the image the model saw:
-
-1. feature energy: the L2 norm over channels of the stage's output (before the output norm);
-2. the positional-attention gate: the sigmoid map ``sigmoid(dwconv3x3(x))`` of the stage's
-   ``PA`` module (the stem's for stage 1, the patch embedding's for stages 2-4), averaged
-   over channels. It is computed at the map's own resolution, whatever the image size;
-3. where one query pixel looks: the attention probabilities of the query (marked ``+``)
-   over the stage's reduced key map, from the stage's first block, averaged over heads.
-   For ResT v1 the logits are first mixed across heads by ``transform_conv``, as the model
-   does; the instance norm it applies after the softmax is left out, so the map stays a
-   probability distribution.
-
-CONFIG_OR_ARCH is one of our configs (its backbone is used) or a preset name such as
-``rest_small`` or ``restv2_tiny``. CHECKPOINT may be the authors' ImageNet file, a
-converted one, or a detector/segmentor checkpoint; without it the weights are random.
+Rows, over the image: the stage output's L2 energy (before the output norm), its ``PA``
+module's gate ``sigmoid(dwconv3x3(x))`` averaged over channels, and one query pixel's
+attention over the reduced key map (first block, averaged over heads; v1's head mixing
+applied, its instance norm left out so that the map stays a probability distribution).
 """
 import argparse
 from pathlib import Path
@@ -27,8 +14,9 @@ import mmcv
 import numpy as np
 import torch
 
-from rest_mm.runtime import refuse_output_over_inputs
-from rest_mm.standalone import ARCH_NAMES, build_standalone_backbone
+from rest_mm.cli.builders import build_standalone_backbone
+from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.presets import PRESET_NAMES
 
 matplotlib.use('Agg')  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -43,7 +31,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('image', help='the image to look at')
     parser.add_argument('config_or_arch',
-                        help=f'a config file or a preset: {", ".join(ARCH_NAMES)}')
+                        help=f'a config file or a preset: {", ".join(PRESET_NAMES)}')
     parser.add_argument('checkpoint', nargs='?', default=None,
                         help='backbone weights (authors\', converted or a whole model\'s)')
     parser.add_argument('--out', required=True, help='the PNG file to write')
@@ -159,8 +147,8 @@ def draw(image: np.ndarray, stages: List[dict], query_pixel: Tuple[int, int],
             ('gate', 'PA gate σ(dwconv(x)), mean over C', 'viridis'),
             ('attention', 'attention of + over reduced keys', 'magma'))
     panel = 3.2
-    fig, axes = plt.subplots(len(rows), len(stages), squeeze=False,
-                             figsize=(panel * len(stages), panel * len(rows) * height / width + 1.2))
+    figsize = (panel * len(stages), panel * len(rows) * height / width + 1.2)
+    fig, axes = plt.subplots(len(rows), len(stages), squeeze=False, figsize=figsize)
     for r, (key, label, cmap) in enumerate(rows):
         for s, stage in enumerate(stages):
             ax = axes[r][s]
