@@ -5,7 +5,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from testlib import REFERENCE_ARCH, REFERENCE_DIR
+from rest_mm.cli.toy_data import generate_toy_datasets
+
+from testlib import REFERENCE_ARCH, REFERENCE_DIR, SPEC
 
 
 @pytest.fixture(autouse=True)
@@ -48,3 +50,10 @@ def float32_tolerance():
         return [FLOAT32_RUNS_SLACK * (s.double() - d).abs().max().item()
                 + FLOAT32_ULPS * eps * d.abs().max().item() for s, d in zip(single, double)]
     return tolerance
+
+
+@pytest.fixture(scope='module')
+def toy_root(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp('toy_data')
+    generate_toy_datasets(str(root), SPEC)
+    return root

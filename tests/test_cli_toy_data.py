@@ -1,7 +1,6 @@
 """rest_mm/cli/toy_data.py: exact, deterministic shapes data, and the toy configs that train
 on it."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,30 +15,7 @@ from rest_mm.cli.toy_data import (
     read_manifest,
 )
 
-from testlib import REPO, TOY_CONFIG_DIR
-
-SMALL_SPEC = ToyDataSpec(num_train=6, num_val=3, height=48, width=64, min_size=10,
-                         max_size=24, max_objects=3, seed=3)
-
-
-def fresh_toy_data(tmp_path) -> Path:
-    """SMALL_SPEC's data under ``tmp_path/data``."""
-    generate_toy_datasets(str(tmp_path / 'data'), SMALL_SPEC)
-    return tmp_path / 'data'
-
-
-def toy_options(data: Path, library: str) -> list:
-    """``--cfg-options ...`` that point a toy config of ``library`` at the data in ``data``."""
-    if library == 'mmdet':
-        coco = f'{data}/toy_coco/'
-        ann = f'{coco}annotations/instances_val.json'
-        return ['--cfg-options', f'train_dataloader.dataset.data_root={coco}',
-                f'val_dataloader.dataset.data_root={coco}',
-                f'test_dataloader.dataset.data_root={coco}', f'val_evaluator.ann_file={ann}',
-                f'test_evaluator.ann_file={ann}']
-    ade = f'{data}/toy_ade/'
-    return ['--cfg-options', f'train_dataloader.dataset.data_root={ade}',
-            f'val_dataloader.dataset.data_root={ade}', f'test_dataloader.dataset.data_root={ade}']
+from testlib import REPO, SMALL_SPEC, TOY_CONFIG_DIR
 
 
 def test_toy_data_is_exact_and_deterministic(tmp_path):

@@ -21,6 +21,7 @@ import torch
 from mmengine.config import Config
 
 import rest_mm  # noqa: F401  (registers the backbones)
+from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.detectron2 import (
     ARCHITECTURES,
     CONFIGS,
@@ -31,7 +32,6 @@ from rest_mm.detectron2 import (
     is_detectron2_detector,
     mmdet_to_detectron2_anchor_order,
 )
-from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
 import reference_detectron2 as ref
 from testlib import REPO

@@ -5,9 +5,8 @@ tests/test_tool_main_job.py.)"""
 import re
 
 import pytest
-from test_tools import tool_help
 
-from testlib import REPO
+from testlib import REPO, tool_help
 
 COMMAND = re.compile(r'^(?:[A-Z_]+=\S+ )*(python|bash) (tools/\S+)(.*)$')
 
@@ -44,3 +43,13 @@ def test_readme_command_matches_its_tool(script, options):
     assert result.returncode == 0, result.stderr[-2000:]
     for option in options:
         assert option in result.stdout, f'{script} does not accept {option}'
+
+
+def test_project_layout_names_every_library_module():
+    """The README's layout lists each module of the library and each subpackage."""
+    text = (REPO / 'README.md').read_text()
+    layout = text[text.index('## Project layout'):text.index('## Citation')]
+    for path in (REPO / 'rest_mm').glob('*.py'):
+        assert path.name in layout, f'README "Project layout" does not list rest_mm/{path.name}'
+    for package in ('testing/', 'cli/'):
+        assert package in layout

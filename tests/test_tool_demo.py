@@ -9,26 +9,10 @@ import mmcv
 import numpy as np
 import pytest
 import torch
-from test_tool_train import run
 
 from rest_mm.cli import demo as demo_tool
 
-from testlib import CONFIG_DIR, TOOLS_DIR
-
-DET_CONFIG = CONFIG_DIR / 'detection' / 'mask_rcnn_rest_small_coco.py'
-SEG_CONFIG = CONFIG_DIR / 'segmentation' / 'upernet_restv2_tiny_ade20k.py'
-
-
-def write_image(path: Path, height: int, width: int) -> np.ndarray:
-    """A BGR picture with a few flat shapes on a gradient, written to ``path``."""
-    rows, cols = np.mgrid[0:height, 0:width]
-    image = np.stack([(rows * 255 // height), (cols * 255 // width),
-                      np.full_like(rows, 128)], axis=-1).astype(np.uint8)
-    image[height // 5:height // 2, width // 8:width // 3] = (40, 90, 200)
-    centre_y, centre_x, radius = height // 2, 2 * width // 3, min(height, width) // 4
-    image[(rows - centre_y) ** 2 + (cols - centre_x) ** 2 < radius ** 2] = (20, 180, 40)
-    mmcv.imwrite(image, str(path))
-    return image
+from testlib import DET_CONFIG, SEG_CONFIG, TOOLS_DIR, run, write_image
 
 
 def test_demo_rejects_bad_inputs(tmp_path):

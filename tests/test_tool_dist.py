@@ -5,9 +5,8 @@ import socket
 import sys
 
 import pytest
-from test_tool_train import data_options, latest_metrics, run, toy_root  # noqa: F401 (fixture)
 
-from testlib import TOOLS_DIR
+from testlib import TOOLS_DIR, data_options, latest_metrics, run
 
 pytestmark = pytest.mark.slow
 

@@ -5,14 +5,10 @@ import textwrap
 import numpy as np
 import pytest
 import torch
-from test_tool_visualize import reference_config, reference_model
 
 from rest_mm.cli import export_onnx as export_tool
 
-from testlib import CONFIG_DIR, REFERENCE_BY_NAME
-
-DET_CONFIG = CONFIG_DIR / 'detection' / 'mask_rcnn_rest_small_coco.py'
-SEG_CONFIG = CONFIG_DIR / 'segmentation' / 'upernet_restv2_tiny_ade20k.py'
+from testlib import DET_CONFIG, REFERENCE_BY_NAME, SEG_CONFIG, reference_config, reference_model
 
 
 @pytest.mark.parametrize('output_size', [1, 2, 3, 6, (2, 5)])

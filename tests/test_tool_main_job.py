@@ -4,9 +4,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_tool_train import run
 
-from testlib import TOOLS_DIR
+from testlib import TOOLS_DIR, run
 
 pytestmark = pytest.mark.slow
 

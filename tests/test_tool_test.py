@@ -2,12 +2,11 @@
 import pytest
 import torch
 from mmengine.config import Config
-from test_cli_toy_data import fresh_toy_data, toy_options
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
 from rest_mm.cli import test as test_tool
 
-from testlib import CONFIG_DIR, REPO
+from testlib import CONFIG_DIR, REPO, fresh_toy_data, toy_options
 
 UPERNET_TINY = 'segmentation/upernet_restv2_tiny_ade20k.py'
 

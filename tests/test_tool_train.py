@@ -7,7 +7,6 @@ iterations); each run's learning is still measured against the same model untrai
 for segmentation, against predicting background everywhere).
 """
 import importlib
-import json
 import os
 import re
 import signal
@@ -21,14 +20,21 @@ import pytest
 import torch
 from mmengine.config import Config
 from PIL import Image
-from test_cli_toy_data import fresh_toy_data, toy_options
 
 import rest_mm  # noqa: F401  (registers the backbones for _untrained_checkpoint)
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
-from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
-from testlib import REPO, TOOLS_DIR
+from testlib import (
+    REPO,
+    TOOLS_DIR,
+    TRAINING_TIMEOUT,
+    data_options,
+    fresh_toy_data,
+    latest_metrics,
+    run,
+    toy_options,
+)
 
 
 def test_tools_reject_bad_input(tmp_path, capsys):
@@ -131,57 +137,6 @@ def test_resume_needs_a_training_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match='is a directory, not a file'):
         train_tool.main([toy, '--work-dir', str(work), '--resume', str(tmp_path)] + options)
     assert not work.exists()
-
-
-# ---------------------------------------------------------------------------------------
-# End to end, through the command-line tools.
-# ---------------------------------------------------------------------------------------
-# 64x80 images keep every run to seconds per iteration on a CPU.
-SPEC = ToyDataSpec(num_train=64, num_val=16, height=64, width=80, min_size=16, max_size=40,
-                   max_objects=3, seed=1)
-TRAINING_TIMEOUT = 1800
-
-
-@pytest.fixture(scope='module')
-def toy_root(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp('toy_data')
-    generate_toy_datasets(str(root), SPEC)
-    return root
-
-
-def data_options(root: Path, library: str) -> list:
-    """--cfg-options that point a toy config at ``root`` and at SPEC's image size."""
-    if library == 'mmdet':
-        coco = f'{root}/toy_coco/'
-        ann = f'{coco}annotations/instances_val.json'
-        scale = f'({SPEC.width},{SPEC.height})'
-        return [f'train_dataloader.dataset.data_root={coco}',
-                f'val_dataloader.dataset.data_root={coco}',
-                f'test_dataloader.dataset.data_root={coco}',
-                f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}',
-                f'train_dataloader.dataset.pipeline.2.scale={scale}',
-                f'val_dataloader.dataset.pipeline.1.scale={scale}',
-                f'test_dataloader.dataset.pipeline.1.scale={scale}']
-    ade = f'{root}/toy_ade/'
-    return [f'train_dataloader.dataset.data_root={ade}',
-            f'val_dataloader.dataset.data_root={ade}',
-            f'test_dataloader.dataset.data_root={ade}',
-            f'model.data_preprocessor.size=({SPEC.height},{SPEC.width})']
-
-
-def run(args, timeout=600, env=None, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
-    """Run a command (``cwd`` the repository by default); it must succeed."""
-    result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
-                            timeout=timeout, cwd=cwd, env=env, **kwargs)
-    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
-    return result
-
-
-def latest_metrics(work_dir: Path) -> dict:
-    """The metrics of the latest test run, from the json mmengine writes."""
-    logs = sorted(work_dir.glob('*/*.json'), key=os.path.getmtime)
-    assert logs, f'no metrics json under {work_dir}'
-    return json.loads(logs[-1].read_text().strip().splitlines()[-1])
 
 
 def _untrained_checkpoint(config: str, options: list, path: Path):

@@ -2,39 +2,25 @@
 captured maps match a hook-free forward, clear errors; run as a user would (slow), a
 readable figure of an odd-sized image."""
 import sys
-from pathlib import Path
 
 import mmcv
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from test_tool_demo import write_image
-from test_tool_train import run
 
 from rest_mm import ResTV2
-from rest_mm.checkpoint import load_pretrained
 from rest_mm.cli import export_onnx as export_tool
 from rest_mm.cli import visualize as visualize_tool
 
-from testlib import REFERENCE_BY_NAME, TOOLS_DIR
-
-
-def reference_model(name, reference_dir, reference_arch):
-    """Our model of a reference checkpoint (tests/data/reference), weights loaded, eval."""
-    reference = REFERENCE_BY_NAME[name]
-    model = reference.cls(arch=reference_arch, **reference.kwargs)
-    load_pretrained(model, str(reference_dir / reference.file))
-    return model.eval()
-
-
-def reference_config(tmp_path, name, reference_arch) -> Path:
-    """A config holding only the reference model's backbone, as the tools accept."""
-    reference = REFERENCE_BY_NAME[name]
-    config = tmp_path / f'reference_{name}.py'
-    config.write_text(f'model = dict(backbone=dict(type={reference.cls.__name__!r}, '
-                      f'arch={reference_arch!r}, **{reference.kwargs!r}))\n')
-    return config
+from testlib import (
+    REFERENCE_BY_NAME,
+    TOOLS_DIR,
+    reference_config,
+    reference_model,
+    run,
+    write_image,
+)
 
 
 @pytest.mark.parametrize('name', sorted(REFERENCE_BY_NAME))

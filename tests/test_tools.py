@@ -1,21 +1,11 @@
 """tools/: thin entry points into ``rest_mm.cli``, each answering ``--help``."""
 import ast
-import functools
-import subprocess
-import sys
 
 import pytest
 
-from testlib import REPO, TOOLS_DIR
+from testlib import REPO, TOOLS_DIR, tool_help
 
 PYTHON_TOOLS = sorted(path.name for path in TOOLS_DIR.glob('*.py'))
-
-
-@functools.lru_cache(maxsize=None)
-def tool_help(script: str) -> subprocess.CompletedProcess:
-    """``python SCRIPT --help``, ``SCRIPT`` relative to the repository; run once a session."""
-    return subprocess.run([sys.executable, str(REPO / script), '--help'], capture_output=True,
-                          text=True, cwd=REPO, timeout=300)
 
 
 def test_tools_are_thin_entry_points():

@@ -1,13 +1,21 @@
 """Tables and helpers that several test modules share (imported as ``testlib``: the tests
 folder is no package, because the mmsegmentation wheel installs a top-level ``tests``)."""
+import functools
+import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
+import mmcv
+import numpy as np
 import torch
 from torch import nn
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
-from rest_mm.checkpoint import load_converted_state_dict
+from rest_mm.checkpoint import load_converted_state_dict, load_pretrained
+from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.testing import straightforward
 
 REPO = Path(__file__).resolve().parents[1]
@@ -82,3 +90,110 @@ def randomised_detection_backbone(version, reference_arch):
             if name.startswith('norm'):
                 param.copy_(torch.randn_like(param) * 0.5 + (1. if name.endswith('weight') else 0))
     return model.double().eval()
+
+
+# ---------------------------------------------------------------------------------------
+# End to end, through the command-line tools.
+# ---------------------------------------------------------------------------------------
+# 64x80 images keep every run to seconds per iteration on a CPU.
+SPEC = ToyDataSpec(num_train=64, num_val=16, height=64, width=80, min_size=16, max_size=40,
+                   max_objects=3, seed=1)
+TRAINING_TIMEOUT = 1800  # seconds: a hang guard for a training run
+
+
+def data_roots(root: Path, library: str) -> list:
+    """--cfg-options values that point a toy config of ``library`` at the data in ``root``."""
+    if library == 'mmdet':
+        coco = f'{root}/toy_coco/'
+        ann = f'{coco}annotations/instances_val.json'
+        return [f'train_dataloader.dataset.data_root={coco}',
+                f'val_dataloader.dataset.data_root={coco}',
+                f'test_dataloader.dataset.data_root={coco}',
+                f'val_evaluator.ann_file={ann}', f'test_evaluator.ann_file={ann}']
+    ade = f'{root}/toy_ade/'
+    return [f'train_dataloader.dataset.data_root={ade}',
+            f'val_dataloader.dataset.data_root={ade}',
+            f'test_dataloader.dataset.data_root={ade}']
+
+
+def data_options(root: Path, library: str) -> list:
+    """:func:`data_roots`, and SPEC's image size."""
+    if library == 'mmdet':
+        scale = f'({SPEC.width},{SPEC.height})'
+        return data_roots(root, library) + [
+            f'train_dataloader.dataset.pipeline.2.scale={scale}',
+            f'val_dataloader.dataset.pipeline.1.scale={scale}',
+            f'test_dataloader.dataset.pipeline.1.scale={scale}']
+    return data_roots(root, library) + [
+        f'model.data_preprocessor.size=({SPEC.height},{SPEC.width})']
+
+
+def run(args, timeout=600, env=None, cwd=REPO, **kwargs) -> subprocess.CompletedProcess:
+    """Run a command (``cwd`` the repository by default); it must succeed."""
+    result = subprocess.run([str(a) for a in args], capture_output=True, text=True,
+                            timeout=timeout, cwd=cwd, env=env, **kwargs)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-5000:]
+    return result
+
+
+def latest_metrics(work_dir: Path) -> dict:
+    """The metrics of the latest test run, from the json mmengine writes."""
+    logs = sorted(work_dir.glob('*/*.json'), key=os.path.getmtime)
+    assert logs, f'no metrics json under {work_dir}'
+    return json.loads(logs[-1].read_text().strip().splitlines()[-1])
+
+
+# A few 48x64 images, for runs that check behaviour rather than learning.
+SMALL_SPEC = ToyDataSpec(num_train=6, num_val=3, height=48, width=64, min_size=10,
+                         max_size=24, max_objects=3, seed=3)
+
+
+def fresh_toy_data(tmp_path) -> Path:
+    """SMALL_SPEC's data under ``tmp_path/data``."""
+    generate_toy_datasets(str(tmp_path / 'data'), SMALL_SPEC)
+    return tmp_path / 'data'
+
+
+def toy_options(data: Path, library: str) -> list:
+    """``--cfg-options ...`` that point a toy config of ``library`` at the data in ``data``."""
+    return ['--cfg-options'] + data_roots(data, library)
+
+
+DET_CONFIG = CONFIG_DIR / 'detection' / 'mask_rcnn_rest_small_coco.py'
+SEG_CONFIG = CONFIG_DIR / 'segmentation' / 'upernet_restv2_tiny_ade20k.py'
+
+
+def write_image(path: Path, height: int, width: int) -> np.ndarray:
+    """A BGR picture with a few flat shapes on a gradient, written to ``path``."""
+    rows, cols = np.mgrid[0:height, 0:width]
+    image = np.stack([(rows * 255 // height), (cols * 255 // width),
+                      np.full_like(rows, 128)], axis=-1).astype(np.uint8)
+    image[height // 5:height // 2, width // 8:width // 3] = (40, 90, 200)
+    centre_y, centre_x, radius = height // 2, 2 * width // 3, min(height, width) // 4
+    image[(rows - centre_y) ** 2 + (cols - centre_x) ** 2 < radius ** 2] = (20, 180, 40)
+    mmcv.imwrite(image, str(path))
+    return image
+
+
+def reference_model(name, reference_dir, reference_arch):
+    """Our model of a reference checkpoint (tests/data/reference), weights loaded, eval."""
+    reference = REFERENCE_BY_NAME[name]
+    model = reference.cls(arch=reference_arch, **reference.kwargs)
+    load_pretrained(model, str(reference_dir / reference.file))
+    return model.eval()
+
+
+def reference_config(tmp_path, name, reference_arch) -> Path:
+    """A config holding only the reference model's backbone, as the tools accept."""
+    reference = REFERENCE_BY_NAME[name]
+    config = tmp_path / f'reference_{name}.py'
+    config.write_text(f'model = dict(backbone=dict(type={reference.cls.__name__!r}, '
+                      f'arch={reference_arch!r}, **{reference.kwargs!r}))\n')
+    return config
+
+
+@functools.lru_cache(maxsize=None)
+def tool_help(script: str) -> subprocess.CompletedProcess:
+    """``python SCRIPT --help``, ``SCRIPT`` relative to the repository; run once a session."""
+    return subprocess.run([sys.executable, str(REPO / script), '--help'], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)

@@ -1,13 +1,13 @@
 """Evaluate a trained detector or segmentor with its config's ``test_evaluator`` (COCO
 mAP, mIoU, ...).
 
-The checkpoint is read once, verified, and must fit the whole model (mmengine alone would
-test a partly random model after a warning); ``--allow-missing`` loads partially, by name.
+The checkpoint is verified and must fit the whole model before the Runner loads it
+(mmengine alone would test a partly random model after a warning); ``--allow-missing``
+loads partially, by name.
 ``--out``, ``--show-dir`` and the work dir may not overwrite an input.
 """
 import argparse
 import os.path as osp
-from typing import Mapping
 
 from mmengine.config import Config
 from mmengine.registry import RUNNERS, init_default_scope
@@ -103,23 +103,6 @@ def build_config(args) -> Config:
     return runtime.adapt_config_to_device(cfg, args.launcher)
 
 
-def _load_when_the_runner_would(runner, checkpoint: Mapping, path: str) -> None:
-    """Have ``runner`` load ``checkpoint``, already read and verified, instead of reading
-    ``path`` again: at the point of its run where it would (after the ``before_run`` hooks)
-    and as ``Runner.load_checkpoint`` does (``after_load_checkpoint`` hooks first)."""
-    from mmengine.runner.checkpoint import _load_checkpoint_to_model
-    pending = [checkpoint]
-
-    def load_or_resume():
-        if pending:
-            loaded = pending.pop()
-            runner.call_hook('after_load_checkpoint', checkpoint=loaded)
-            _load_checkpoint_to_model(_tested_model(runner.model), loaded)
-            runner.logger.info(f'Load checkpoint from {path}')
-
-    runner.load_or_resume = load_or_resume
-
-
 def main(argv=None):
     args = parse_args(argv)
     allow_mmengine_checkpoints()
@@ -145,7 +128,6 @@ def main(argv=None):
         except RuntimeError as error:
             raise SystemExit(f'tools/test.py: {error} To test a partly initialised model on '
                              f'purpose, name the parts: --allow-missing PREFIX ...')
-        _load_when_the_runner_would(runner, checkpoint, args.checkpoint)
         del checkpoint
         if args.out is not None:
             if cfg.default_scope == 'mmdet':
