@@ -2,6 +2,7 @@
 import pytest
 import torch
 from mmengine.config import Config
+from mmengine.registry import DefaultScope
 
 import rest_mm.dense_heads  # noqa: F401  (registers LateClippingRetinaHead in mmdet)
 
@@ -15,10 +16,12 @@ def test_late_clipping_head_refuses_a_clipping_coder_and_clips_after_rescaling()
                                           scales_per_octave=1, ratios=[1.0], strides=[8]),
                     bbox_coder=dict(type='DeltaXYWHBBoxCoder', target_means=[0.] * 4,
                                     target_stds=[1.] * 4))
-    with pytest.raises(ValueError, match='clip_border=False'):
-        MODELS.build(head_cfg)
-    head = MODELS.build(dict(head_cfg, bbox_coder=dict(head_cfg['bbox_coder'],
-                                                       clip_border=False)))
+    # mmdet's scope, whatever scope an earlier test left as the default
+    with DefaultScope.overwrite_default_scope('mmdet'):
+        with pytest.raises(ValueError, match='clip_border=False'):
+            MODELS.build(head_cfg)
+        head = MODELS.build(dict(head_cfg, bbox_coder=dict(head_cfg['bbox_coder'],
+                                                           clip_border=False)))
     results = InstanceData(bboxes=torch.tensor([[-10., 5., 50., 300.], [210., 5., 260., 9.]]),
                            scores=torch.tensor([0.9, 0.8]), labels=torch.tensor([0, 1]))
     cfg = Config(dict(nms=dict(type='nms', iou_threshold=0.5), max_per_img=100))

@@ -33,6 +33,15 @@ def test_tools_are_thin_entry_points():
     assert with_main == PYTHON_TOOLS
 
 
+def test_launch_scripts_run_the_installed_package():
+    """The shell launchers start the tools as they are; the package comes from the install,
+    not from a path put in front of it."""
+    scripts = sorted(TOOLS_DIR.glob('*.sh'))
+    assert scripts
+    for script in scripts:
+        assert 'PYTHONPATH' not in script.read_text(), script.name
+
+
 @pytest.mark.parametrize('script', PYTHON_TOOLS)
 def test_tool_answers_help(script):
     result = tool_help(f'tools/{script}')

@@ -20,7 +20,6 @@ PYTHON=${PYTHON:-python}
 
 # SRUN_ARGS is split on purpose: it holds several options.
 # shellcheck disable=SC2086
-PYTHONPATH="$(dirname "$0")/..${PYTHONPATH:+:$PYTHONPATH}" \
 srun -p "$PARTITION" \
     --job-name="$JOB_NAME" \
     --gres=gpu:"$GPUS_PER_NODE" \
