@@ -22,6 +22,7 @@ from mmengine.config import Config
 
 import rest_mm  # noqa: F401  (registers the backbones)
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
+from rest_mm.conversion import convert_released
 from rest_mm.detectron2 import (
     ARCHITECTURES,
     CONFIGS,
@@ -730,3 +731,10 @@ def test_converted_checkpoint_runs_through_test_tool(tmp_path, toy_coco, archite
                  f'model.data_preprocessor.bgr_to_rgb={bgr_to_rgb}', check=False)
     assert wrong.returncode != 0
     assert f'evaluate it with {meta["config"]}' in wrong.stderr
+
+
+def test_convert_released_recognises_a_detectron2_detector():
+    weights, meta = convert_released({'model': synthetic_detectron2('RetinaNet', 'rest_small')})
+    assert meta['kind'] == 'detector' and meta['source'] == 'detectron2'
+    assert meta['config'] == 'configs/detection/retinanet_rest_small_coco.py'
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())

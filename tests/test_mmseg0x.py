@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 
+from rest_mm.conversion import convert_released
 from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 from rest_mm.testing import straightforward
 
@@ -262,3 +263,9 @@ def test_convert_then_test_on_toy_data_single_scale_and_tta(tmp_path):
         assert 0 <= metrics['mIoU'] <= 100
         tested = Config.fromfile(work_dir / 'upernet_restv2_tiny_toy.py')
         assert tested.model.type == ('SegTTAModel' if extra else 'EncoderDecoder')
+
+
+def test_convert_released_recognises_an_mmseg0x_segmentor(checkpoint):
+    weights, meta = convert_released(checkpoint)
+    assert meta['kind'] == 'segmentor' and meta['config'] == CONFIG
+    assert all(isinstance(v, torch.Tensor) for v in weights.values())
