@@ -135,7 +135,7 @@ def describe_weights(state_dict: Mapping) -> Tuple[str, dict]:
     return ('ResT' if v1 else 'ResTV2'), dict(embed_dims=tuple(dims), depths=tuple(depths))
 
 
-def matching_preset(state_dict: Mapping) -> Tuple[str, Optional[str]]:
+def weights_preset(state_dict: Mapping) -> Tuple[str, Optional[str]]:
     """The model class converted weights are for, and the preset they fit (None: none)."""
     model_name, found = describe_weights(state_dict)
     return model_name, presets.matching_preset(model_name, found['embed_dims'], found['depths'])
@@ -143,7 +143,7 @@ def matching_preset(state_dict: Mapping) -> Tuple[str, Optional[str]]:
 
 def suggest_arch(state_dict: Mapping) -> str:
     """A sentence naming the model and preset that converted weights fit."""
-    model_name, preset = matching_preset(state_dict)
+    model_name, preset = weights_preset(state_dict)
     if preset is not None:
         return f"these weights fit {model_name}(arch='{preset}')"
     _, found = describe_weights(state_dict)

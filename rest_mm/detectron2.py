@@ -35,7 +35,7 @@ from .checkpoint import (
     convert_checkpoint,
     describe_weights,
     is_v1,
-    matching_preset,
+    weights_preset,
 )
 from .rest import BACKBONES
 
@@ -187,7 +187,7 @@ def _architecture(keys) -> str:
 
 def _backbone_model(backbone: Mapping) -> Tuple[str, str, Tuple[int, ...]]:
     """(``'ResT'``/``'ResTV2'``, preset, output stage indices) of converted backbone weights."""
-    model_name, preset = matching_preset(backbone)
+    model_name, preset = weights_preset(backbone)
     if preset is None:
         _, found = describe_weights(backbone)
         raise ValueError(f'the detectron2 backbone is a {model_name} with embed_dims='

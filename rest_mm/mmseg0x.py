@@ -25,7 +25,7 @@ from .checkpoint import (
     convert_checkpoint,
     describe_weights,
     is_v1,
-    matching_preset,
+    weights_preset,
 )
 from .rest import ResTV2
 
@@ -83,7 +83,7 @@ def _convert_backbone(backbone: Dict[str, torch.Tensor]) -> Tuple['OrderedDict',
     kept = {id(value) for value in converted.values()}
     authors_key = {id(value): key for key, value in backbone.items()}
     dropped = [f'backbone.{k}' for k, v in backbone.items() if id(v) not in kept]
-    model_name, arch = matching_preset(converted)
+    model_name, arch = weights_preset(converted)
     if model_name != 'ResTV2' or arch is None:
         _, found = describe_weights(converted)
         raise ValueError(f'the backbone has embed_dims={found["embed_dims"]} and depths='

@@ -33,8 +33,6 @@ ARCH_ZOOS: Dict[str, Dict[str, dict]] = {
 }
 
 _NAME_PREFIXES = {'ResT': 'rest_', 'ResTV2': 'restv2_'}
-PRESET_NAMES: Tuple[str, ...] = tuple(
-    _NAME_PREFIXES[model] + arch for model, zoo in ARCH_ZOOS.items() for arch in zoo)
 
 
 def preset_name(model_name: str, arch: str) -> str:
@@ -42,17 +40,22 @@ def preset_name(model_name: str, arch: str) -> str:
     return _NAME_PREFIXES[model_name] + arch
 
 
+_PRESETS_BY_NAME = {preset_name(model, arch): (model, arch)
+                    for model, zoo in ARCH_ZOOS.items() for arch in zoo}
+PRESET_NAMES: Tuple[str, ...] = tuple(_PRESETS_BY_NAME)
+
+
 def parse_preset_name(name: str) -> Tuple[str, str]:
-    """``'rest_small'`` -> ``('ResT', 'small')``.
+    """``'rest_small'`` -> ``('ResT', 'small')`` (any letter case).
 
     Raises:
         KeyError: ``name`` is no preset; the message lists them.
     """
-    for model_name, prefix in sorted(_NAME_PREFIXES.items(), key=lambda p: -len(p[1])):
-        arch = name.lower()[len(prefix):]
-        if name.lower().startswith(prefix) and arch in ARCH_ZOOS[model_name]:
-            return model_name, arch
-    raise KeyError(f'unknown preset {name!r}; the presets are {", ".join(PRESET_NAMES)}')
+    try:
+        return _PRESETS_BY_NAME[name.lower()]
+    except KeyError:
+        raise KeyError(f'unknown preset {name!r}; the presets are '
+                       f'{", ".join(PRESET_NAMES)}') from None
 
 
 def matching_preset(model_name: str, embed_dims: Sequence, depths: Sequence) -> Optional[str]:
@@ -62,7 +65,8 @@ def matching_preset(model_name: str, embed_dims: Sequence, depths: Sequence) -> 
                  and values['depths'] == tuple(depths)), None)
 
 
-def _is_int(value) -> bool:
+def is_whole_number(value) -> bool:
+    """An ``int`` that is not a ``bool``."""
     return isinstance(value, int) and not isinstance(value, bool)
 
 
@@ -96,7 +100,7 @@ def resolve_arch(arch: Union[str, dict], model_name: str) -> dict:
         if not isinstance(values, (list, tuple)) or len(values) != NUM_STAGES:
             raise ValueError(f'{model_name}: arch[{key!r}] needs one value per stage '
                              f'({NUM_STAGES}), got {values}')
-        if not all(_is_int(v) and v >= 1 for v in values):
+        if not all(is_whole_number(v) and v >= 1 for v in values):
             raise ValueError(f'{model_name}: arch[{key!r}] must be {NUM_STAGES} whole numbers '
                              f'>= 1, got {values}')
     mlp_ratio = arch['mlp_ratio']

@@ -24,7 +24,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from .checkpoint import load_pretrained
 from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
-from .presets import ARCH_ZOOS, NUM_STAGES, resolve_arch
+from .presets import ARCH_ZOOS, NUM_STAGES, is_whole_number, resolve_arch
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -348,10 +348,6 @@ class Stage(nn.Module):
         return x
 
 
-def _is_int(value) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _check_rate(name: str, value: float, model: str):
     """Dropout and stochastic-depth rates are probabilities of dropping, below 1: at 1 every
     element is dropped and the rescaling by ``1 / (1 - p)`` divides by zero."""
@@ -404,10 +400,10 @@ class _ResTBase(BaseModule):
         self.arch = resolve_arch(arch, name)
         self.embed_dims = tuple(self.arch['embed_dims'])
         self.out_indices = _resolve_out_indices(out_indices, name)
-        if not _is_int(frozen_stages) or not -1 <= frozen_stages <= NUM_STAGES:
+        if not is_whole_number(frozen_stages) or not -1 <= frozen_stages <= NUM_STAGES:
             raise ValueError(f'{name}: frozen_stages must be in -1..{NUM_STAGES}, got '
                              f'{frozen_stages}')
-        if not _is_int(in_channels) or in_channels < 1:
+        if not is_whole_number(in_channels) or in_channels < 1:
             raise ValueError(f'{name}: in_channels must be positive, got {in_channels}')
         for rate_name, rate in (('drop_rate', drop_rate), ('attn_drop_rate', attn_drop_rate),
                                 ('drop_path_rate', drop_path_rate)):

@@ -73,7 +73,7 @@ def test_export_backbone_runs_at_any_size(tmp_path, name, reference_dir, referen
     # amplified: onnxruntime differs from PyTorch by up to ~1e-3 at 333x517, and v1 is
     # held to 2e-3 (a wrong graph is off by 0.1 or more); without the head mixing, and
     # for v2, to 1e-4.
-    model = reference_model(name, reference_dir, reference_arch)
+    model = reference_model(name)
     sizes = [(1, 224, 224), (2, 200, 328), (1, 333, 517)]
     stages = _check_onnx_file(out, model, sizes, atol=2e-3 if name == 'v1' else 1e-4)
     assert [s.shape[-2:] for s in stages] == [(84, 130), (42, 65), (21, 33), (11, 17)]

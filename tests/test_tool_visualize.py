@@ -29,7 +29,7 @@ def test_attention_maps_reproduce_the_attention_output(name, reference_dir, refe
     the attention module's own output: they are the model's attention, not a lookalike.
     In float64, where rounding cannot hide a difference (v1's instance norm amplifies
     float32 rounding by a machine-dependent amount)."""
-    model = reference_model(name, reference_dir, reference_arch).double()
+    model = reference_model(name).double()
     torch.manual_seed(1)
     for stage_index, (h, w) in enumerate([(13, 21), (7, 11), (4, 6), (2, 3)]):
         attn = model.stages[stage_index].blocks[0].attn
@@ -61,7 +61,7 @@ def test_attention_maps_reproduce_the_attention_output(name, reference_dir, refe
 def test_inspect_captures_the_right_maps(name, reference_dir, reference_arch):
     """Energy, gate and attention at an odd input size equal a hook-free recomputation,
     stage by stage, at the maps' own ``ceil(H / stride)`` sizes."""
-    model = reference_model(name, reference_dir, reference_arch)
+    model = reference_model(name)
     height, width = 203, 317
     image = torch.randn(1, 3, height, width)
     query = (250, 30)

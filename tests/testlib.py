@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
-from rest_mm.checkpoint import load_converted_state_dict, load_pretrained
+from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.testing import straightforward
 
@@ -175,12 +175,10 @@ def write_image(path: Path, height: int, width: int) -> np.ndarray:
     return image
 
 
-def reference_model(name, reference_dir, reference_arch):
-    """Our model of a reference checkpoint (tests/data/reference), weights loaded, eval."""
+def reference_model(name: str) -> nn.Module:
+    """Our model of the reference checkpoint ``name`` (a key of REFERENCE_BY_NAME)."""
     reference = REFERENCE_BY_NAME[name]
-    model = reference.cls(arch=reference_arch, **reference.kwargs)
-    load_pretrained(model, str(reference_dir / reference.file))
-    return model.eval()
+    return ours_from_reference(reference, load_reference(reference)['state_dict'])
 
 
 def reference_config(tmp_path, name, reference_arch) -> Path:
