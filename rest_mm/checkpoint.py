@@ -22,7 +22,12 @@ from mmengine.runner import CheckpointLoader
 from torch import nn
 
 from . import presets
-from .checkpoint_files import CheckpointFileError, allow_mmengine_checkpoints, read_local_checkpoint
+from .checkpoint_files import (
+    CheckpointFileError,
+    allow_mmengine_checkpoints,
+    download_checkpoint,
+    read_local_checkpoint,
+)
 
 _WRAPPER_KEYS = ('state_dict', 'model')
 # Whole-model checkpoints keep the backbone under one of these prefixes, most specific first.
@@ -187,13 +192,53 @@ def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
     return tensors
 
 
-def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str = 'checkpoint'):
+def check_finite(state_dict: Mapping, source: str,
+                 opt_out: str = "allow_non_finite=True (in a config: in the backbone's "
+                                "init_cfg)") -> None:
+    """Refuse weights holding NaN or Inf: a damaged file or a diverged run, which would
+    otherwise load without a word (torch's CPU attention even turns NaN query rows into
+    zeros, so early feature maps stay finite and hide it).
+
+    Args:
+        state_dict (Mapping): Names to tensors; values of other types are not looked at.
+        source (str): The file's name, for the message.
+        opt_out (str): How the caller loads anyway, for the message. Defaults to naming
+            the ``allow_non_finite`` argument of the loaders.
+
+    Raises:
+        RuntimeError: Naming the tensors with non-finite values and how many each holds.
+    """
+    bad = []
+    for key, value in state_dict.items():
+        if (isinstance(value, torch.Tensor) and not value.is_meta
+                and (value.is_floating_point() or value.is_complex())):
+            finite = torch.isfinite(value)
+            if not bool(finite.all()):
+                nan = int(torch.isnan(value).sum())
+                bad.append(f'{key} ({nan} NaN, {value.numel() - int(finite.sum()) - nan} Inf '
+                           f'of {value.numel()})')
+    if bad:
+        raise RuntimeError(f'non-finite values in {len(bad)} tensor(s) of {source}: '
+                           f'{_listed(bad)}; the file is damaged or from a diverged run. To '
+                           f'use it anyway, pass {opt_out}.')
+
+
+def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str = 'checkpoint',
+                              allow_non_finite: bool = False):
     """Load converted weights, refusing anything but fresh output norms to differ.
+
+    Args:
+        model (nn.Module): A ``ResT`` or ``ResTV2``.
+        state_dict (Mapping): Weights under our key names (:func:`convert_checkpoint`).
+        source (str): Where they came from, for messages. Defaults to ``'checkpoint'``.
+        allow_non_finite (bool): Load weights holding NaN or Inf instead of refusing
+            them (:func:`check_finite`). Defaults to False.
 
     Raises:
         RuntimeError: naming every missing, unexpected or mis-shaped key, with the
-            variant the weights would fit; or naming values that are not tensors; or
-            saying that the weights are of no ResT/ResTV2 at all.
+            variant the weights would fit; or naming values that are not tensors, or
+            tensors with non-finite values; or saying that the weights are of no
+            ResT/ResTV2 at all.
     """
     own = model.state_dict()
     fresh = {i for i in getattr(model, 'fresh_norm_indices', ())}
@@ -224,6 +269,8 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
                            f'{tuple(model.arch["depths"])}): ' + '; '.join(problems) +
                            f'. {suggest_arch(state_dict)}.')
     loadable = {k: v for k, v in state_dict.items() if k in own}
+    if not allow_non_finite:
+        check_finite(loadable, source)
     model.load_state_dict(loadable, strict=False)
     fresh_keys = sorted({k.split('.')[0] for k in own if k not in state_dict})
     print_log(f'Loaded {len(loadable)} tensors into {type(model).__name__} from {source}'
@@ -240,9 +287,12 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
     error, not wrong weights); a legacy (non-zip) torch file and a plain pickle carry no
     checksum, so damage inside their tensors cannot be detected; a plain pickle (a
     detectron2 ``.pkl`` model) may hold only numpy arrays and builtin containers, whose
-    values stay numpy arrays. torch files load ``weights_only``, with the types that
-    mmengine's training checkpoints pickle allow-listed, so a detector or segmentor
-    trained with this repo reads too. URLs are fetched and read by mmengine's loader.
+    values stay numpy arrays. torch files are unpickled with an allow-list (tensors, numpy,
+    builtin containers and the types mmengine's training checkpoints pickle, so a detector
+    or segmentor trained with this repo reads too), the same on every supported torch.
+    http(s) URLs are downloaded once (:func:`rest_mm.checkpoint_files.download_checkpoint`)
+    and read as local files; other schemes (``open-mmlab://``, ``s3://``, ...) are read by
+    mmengine's loader, through ``torch.load``, which is weights-only from torch 2.6 only.
 
     Args:
         path (str): A file path or URL.
@@ -255,6 +305,8 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
         RuntimeError: A damaged or unreadable file, or one that holds no dict.
     """
     allow_mmengine_checkpoints()
+    if path.startswith(('http://', 'https://')):
+        path = download_checkpoint(path)
     remote = '://' in path
     if not remote and osp.isdir(path):
         raise FileNotFoundError(f'checkpoint {path!r} is a directory, not a file; pass the '
@@ -280,7 +332,8 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
     return checkpoint
 
 
-def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
+def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None,
+                    allow_non_finite: bool = False):
     """Convert and strictly load the checkpoint at ``path`` into a ResT/ResTV2 model.
 
     Args:
@@ -289,6 +342,9 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
         prefix (str, optional): Take only the keys under this prefix (as mmengine's
             ``Pretrained`` init does), e.g. ``'teacher.backbone.'``. The usual prefixes
             are found without it.
+        allow_non_finite (bool): Load weights holding NaN or Inf instead of refusing
+            them (in a config: ``init_cfg=dict(type='Pretrained', checkpoint=PATH,
+            allow_non_finite=True)``). Defaults to False.
     """
     try:
         checkpoint = unwrap_checkpoint(read_checkpoint(path))
@@ -301,7 +357,8 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None):
         checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
         if not checkpoint:
             raise RuntimeError(f'checkpoint {path!r} has no key starting with {prefix!r}')
-    load_converted_state_dict(model, convert_checkpoint(checkpoint), source=path)
+    load_converted_state_dict(model, convert_checkpoint(checkpoint), source=path,
+                              allow_non_finite=allow_non_finite)
 
 
 def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,

@@ -16,16 +16,32 @@ Three kinds of local file are read (:func:`read_local_checkpoint`):
   class or function the file names: a pickle can otherwise run any code while loading.
   Values stay numpy arrays; the converters turn them into tensors.
 
-torch files are loaded with ``weights_only=True`` (mmengine's training-state types are
-allow-listed by :func:`allow_mmengine_checkpoints`).
+torch files (both formats) are unpickled by :data:`restricted_pickle`, the same way on every
+torch of the supported range: only the globals that :func:`checkpoint_globals` lists may be
+named (torch's tensors and their metadata, numpy arrays and scalars, builtin containers,
+and the types mmengine's training checkpoints hold); any other name is refused before it is
+imported, so nothing in the file runs. torch's own ``weights_only`` loader is not used for
+this because its allow-list, and the means to extend it, change from one torch to the next
+(torch 2.1 has no ``add_safe_globals`` and no bfloat16 in the list). TorchScript archives,
+which ``torch.load`` would hand to ``torch.jit.load``, and torch's pre-1.6 tar format are
+refused.
 """
+import _compat_pickle
+import collections
+import functools
 import importlib
+import os
 import pickle
+import tarfile
+import types
+import urllib.parse
 import zipfile
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mmengine.logging import HistoryBuffer
+
+from .torch_compat import load_defaults_to_weights_only, tensor_pickle_globals
 
 _DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
 # torch's legacy format starts with a pickled magic number (torch/serialization.py).
@@ -52,6 +68,10 @@ class CheckpointFileError(RuntimeError):
     """A checkpoint file that is damaged, of an unknown kind, or asks to run code."""
 
 
+class RefusedGlobalError(pickle.UnpicklingError):
+    """A pickle names a global outside the allow-list (it is never imported)."""
+
+
 def _numpy_core_module(name: str):
     """``numpy._core.<name>`` on numpy 2, ``numpy.core.<name>`` before."""
     try:
@@ -71,16 +91,87 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
         super().__init__(file, encoding='latin1')
 
     def find_class(self, module: str, name: str) -> Any:
+        module, name = python3_name(module, name)
         target = _NUMPY_PICKLE_GLOBALS.get((module, name))
         if target is None:
-            raise pickle.UnpicklingError(
+            raise RefusedGlobalError(
                 f'the pickle asks for {module}.{name}; only numpy arrays, dtypes, scalars and '
                 f'builtin containers are read from a plain pickle (anything else could run '
                 f'code while loading)')
-        owner, attribute = target
-        if owner in ('multiarray', 'numeric'):
-            return getattr(_numpy_core_module(owner), attribute)
-        return getattr(importlib.import_module(owner), attribute)
+        return _numpy_pickle_global(target)
+
+
+def python3_name(module: str, name: str) -> Tuple[str, str]:
+    """The Python 3 name of a global that a protocol 0-2 pickle names (torch.save writes
+    protocol 2, which spells ``builtins.getattr`` as ``__builtin__.getattr``), as pickle's
+    own ``find_class`` renames it."""
+    if (module, name) in _compat_pickle.NAME_MAPPING:
+        return _compat_pickle.NAME_MAPPING[(module, name)]
+    return _compat_pickle.IMPORT_MAPPING.get(module, module), name
+
+
+def _numpy_pickle_global(target) -> Any:
+    """The object at a value of ``_NUMPY_PICKLE_GLOBALS``."""
+    owner, attribute = target
+    if owner in ('multiarray', 'numeric'):
+        return getattr(_numpy_core_module(owner), attribute)
+    return getattr(importlib.import_module(owner), attribute)
+
+
+@functools.lru_cache(maxsize=None)
+def checkpoint_globals() -> Dict[str, Any]:
+    """Every global a torch checkpoint may name, keyed ``'module.name'`` as pickles name them.
+
+    torch's tensors and their metadata (:func:`rest_mm.torch_compat.tensor_pickle_globals`),
+    the numpy names a plain numpy pickle may hold (under numpy 1's and numpy 2's module
+    names), the types of mmengine's training checkpoints (:func:`checkpoint_safe_globals`,
+    with ``builtins.getattr`` standing for :func:`_history_buffer_method`), and the builtin
+    containers and scalars that pickle builds through a global (``set``, ``frozenset``,
+    ``bytearray``, ``complex``; ``bytes`` through ``_codecs.encode``).
+    """
+    allowed = dict(tensor_pickle_globals())
+    allowed.update({f'{module}.{name}': _numpy_pickle_global(target)
+                    for (module, name), target in _NUMPY_PICKLE_GLOBALS.items()})
+    for entry in checkpoint_safe_globals():
+        obj, name = entry if isinstance(entry, tuple) else (
+            entry, f'{entry.__module__}.{entry.__qualname__}')
+        allowed[name] = obj
+    allowed.update({f'builtins.{t.__name__}': t for t in (set, frozenset, bytearray, complex)})
+    return allowed
+
+
+class RestrictedUnpickler(pickle.Unpickler):
+    """An unpickler that resolves only the globals of :func:`checkpoint_globals`.
+
+    A pickle reaches code only through the globals it names (every callable that it calls
+    or class that it builds is one), so refusing every other name here, before anything is
+    imported, keeps a file from running anything.
+    """
+
+    def find_class(self, module: str, name: str) -> Any:
+        module, name = python3_name(module, name)
+        found = checkpoint_globals().get(f'{module}.{name}')
+        if found is None:
+            raise RefusedGlobalError(
+                f'the pickle asks for {module}.{name}; a checkpoint may hold only torch '
+                f'tensors and their metadata, numpy arrays, builtin containers and the '
+                'training state mmengine saves (anything else could run code while loading)')
+        return found
+
+
+def _restricted_load(file, **kwargs) -> Any:
+    return RestrictedUnpickler(file, **kwargs).load()
+
+
+#: A pickle module for ``torch.load(..., weights_only=False, pickle_module=restricted_pickle)``:
+#: torch unpickles each record with a subclass of its ``Unpickler`` (storages named by type
+#: become torch's ``StorageType``; every other name goes to :class:`RestrictedUnpickler`) and
+#: reads a legacy file's headers with its ``load``.
+restricted_pickle = types.ModuleType(
+    'rest_mm.checkpoint_files.restricted_pickle',
+    'pickle, resolving only the globals of rest_mm.checkpoint_files.checkpoint_globals()')
+restricted_pickle.Unpickler = RestrictedUnpickler
+restricted_pickle.load = _restricted_load
 
 
 def verify_zip_checksums(path: str) -> None:
@@ -115,20 +206,27 @@ def read_local_checkpoint(path: str, map_location: Optional[str] = 'cpu',
         The unpickled object (a dict for every checkpoint).
 
     Raises:
-        CheckpointFileError: A damaged zip, a file that is no checkpoint, or a pickle that
-            names anything but numpy and builtin types.
+        CheckpointFileError: A damaged zip, a file that is no checkpoint, a TorchScript
+            archive or a pre-1.6 tar file, or a pickle that names a global outside
+            :func:`checkpoint_globals` (numpy and builtin types only, for a plain pickle).
     """
     with open(path, 'rb') as file:
         is_zip = file.read(len(_ZIP_SIGNATURE)) == _ZIP_SIGNATURE
     if is_zip:
         verify_zip_checksums(path)
-        return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+        _refuse_torchscript(path)
+        return _torch_load(path, map_location, mmap=mmap)
+    if tarfile.is_tarfile(path):
+        raise CheckpointFileError(
+            f'checkpoint {path!r} is in torch\'s pre-1.6 tar format, which is not read (it '
+            f'cannot be checked, and torch\'s own weights-only loader refuses it too); load '
+            f'it with torch 1.x and save it again with torch.save')
     try:
         with open(path, 'rb') as file:
             first = NumpyOnlyUnpickler(file).load()
+    except RefusedGlobalError as error:
+        raise CheckpointFileError(f'checkpoint {path!r} was refused: {error}') from error
     except pickle.UnpicklingError as error:
-        if 'only numpy arrays' in str(error):
-            raise CheckpointFileError(f'checkpoint {path!r} was refused: {error}') from error
         raise CheckpointFileError(
             f'checkpoint {path!r} could not be read: it is neither a torch checkpoint nor a '
             f'pickle ({error}); expected a file written by torch.save (or a detectron2 .pkl '
@@ -141,34 +239,88 @@ def read_local_checkpoint(path: str, map_location: Optional[str] = 'cpu',
             f'pickle ({type(error).__name__}: {error}); expected a file written by torch.save '
             f'(or a detectron2 .pkl model)') from error
     if isinstance(first, int) and first == _LEGACY_TORCH_MAGIC:
-        return torch.load(path, map_location=map_location, weights_only=True)
+        return _torch_load(path, map_location)
     return first
+
+
+def download_checkpoint(url: str) -> str:
+    """The local copy of the checkpoint at an http(s) ``url``, so that it is read like any
+    local file: ``<torch hub dir>/checkpoints/<file name>``, where mmengine's loader caches
+    its downloads too. Downloaded once, by rank 0 first in a distributed run.
+
+    Args:
+        url (str): An ``http://`` or ``https://`` address ending in the file's name.
+
+    Returns:
+        str: The path of the local copy.
+
+    Raises:
+        CheckpointFileError: The URL names no file, or the download failed.
+    """
+    from mmengine.dist import barrier, get_dist_info
+    name = os.path.basename(urllib.parse.urlparse(url).path)
+    if not name:
+        raise CheckpointFileError(f'checkpoint URL {url!r} names no file (its path ends in '
+                                  f'"/"); give the address of the checkpoint file itself')
+    local = os.path.join(torch.hub.get_dir(), 'checkpoints', name)
+    rank, world_size = get_dist_info()
+    if rank == 0 and not os.path.isfile(local):
+        os.makedirs(os.path.dirname(local), exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(url, local, progress=False)  # via a temporary file
+        except (OSError, ValueError) as error:  # urllib's errors are OSErrors
+            raise CheckpointFileError(f'checkpoint {url!r} could not be downloaded '
+                                      f'({type(error).__name__}: {error})') from error
+    if world_size > 1:
+        barrier()
+    return local
+
+
+def _refuse_torchscript(path: str) -> None:
+    """``torch.load`` hands a TorchScript archive (a zip with ``constants.pkl``) to
+    ``torch.jit.load``, which no pickle module restricts: refuse it."""
+    with zipfile.ZipFile(path) as archive:
+        if any(name.split('/', 1)[-1] == 'constants.pkl' for name in archive.namelist()):
+            raise CheckpointFileError(
+                f'checkpoint {path!r} is a TorchScript archive (torch.jit.save), not a '
+                f'checkpoint; its code is not loaded. Load it with torch.jit.load if you '
+                f'trust it, and save its state_dict() with torch.save')
+
+
+def _torch_load(path: str, map_location: Optional[str], mmap: bool = False) -> Any:
+    """``torch.load`` through :data:`restricted_pickle`; a refused global is an error
+    naming the file."""
+    try:
+        # weights_only=False because torch accepts a pickle_module only then; the module
+        # restricts more uniformly than torch's own weights-only loader
+        return torch.load(path, map_location=map_location, weights_only=False,
+                          pickle_module=restricted_pickle, mmap=mmap)
+    except RefusedGlobalError as error:
+        raise CheckpointFileError(f'checkpoint {path!r} was refused: {error}') from error
 
 
 def _history_buffer_method(owner, name: str):
     """Stands in for ``builtins.getattr`` while unpickling: HistoryBuffer methods only."""
     allowed = set(_DEFAULT_STATISTICS) | set(HistoryBuffer._statistics_methods)
     if owner is not HistoryBuffer or name not in allowed:
-        raise RuntimeError(
+        raise RefusedGlobalError(
             f'checkpoint asks for getattr({owner!r}, {name!r}); only HistoryBuffer statistics '
-            f'methods ({", ".join(sorted(allowed))}) are allowed when loading with '
-            f'weights_only=True')
+            f'methods ({", ".join(sorted(allowed))}) are allowed in a checkpoint')
     return getattr(HistoryBuffer, name)
 
 
 def checkpoint_safe_globals() -> List[object]:
     """The globals that mmengine 0.10.7's checkpoints pickle besides tensors and dicts."""
-    import collections
-
     import numpy as np
-    from numpy.core.multiarray import _reconstruct, scalar
+    multiarray = _numpy_core_module('multiarray')
     # Unpickling a dtype builds an instance of its class (numpy.dtypes.Float64DType, ...),
     # so the classes of the numeric dtypes are allowed too.
     numeric_dtype_classes = [type(np.dtype(code)) for code in '?bBhHiIlLqQefdgFDG']
     return [
         HistoryBuffer,
         (_history_buffer_method, 'builtins.getattr'),
-        np.ndarray, np.dtype, _reconstruct, scalar, *numeric_dtype_classes,
+        np.ndarray, np.dtype, multiarray._reconstruct, multiarray.scalar,
+        *numeric_dtype_classes,
         collections.Counter,  # MultiStepLR's milestones in param scheduler states
     ]
 
@@ -176,12 +328,18 @@ def checkpoint_safe_globals() -> List[object]:
 def allow_mmengine_checkpoints() -> None:
     """Let ``torch.load(weights_only=True)`` read mmengine's own checkpoints.
 
-    mmengine 0.10.7 calls ``torch.load`` without ``weights_only``, which torch >= 2.6 turns
-    on, and its message hub pickles ``HistoryBuffer`` objects (numpy arrays inside, and
-    statistics methods pickled as ``getattr(HistoryBuffer, 'mean')``). Exactly those types
-    are allowed; ``getattr`` resolves to :func:`_history_buffer_method`, which returns
-    HistoryBuffer's statistics methods only (a free ``getattr`` would reach anything).
+    For mmengine's own ``torch.load`` calls (``load_from``, ``resume``, ``open-mmlab://``
+    and other non-http schemes); rest_mm's reader does not need it (it allows
+    :func:`checkpoint_globals`). mmengine 0.10.7 calls ``torch.load`` without
+    ``weights_only``, which torch >= 2.6 turns on, and its message hub pickles
+    ``HistoryBuffer`` objects (numpy arrays inside, and statistics methods pickled as
+    ``getattr(HistoryBuffer, 'mean')``). Exactly those types are allowed; ``getattr``
+    resolves to :func:`_history_buffer_method`, which returns HistoryBuffer's statistics
+    methods only (a free ``getattr`` would reach anything).
     Idempotent; :func:`rest_mm.checkpoint.read_checkpoint` and the tools call it before
-    anything is loaded or resumed.
+    anything is loaded or resumed. A no-op before torch 2.6, whose ``torch.load`` is not
+    weights-only by default (so mmengine's calls unpickle anything there; the tools read
+    every local checkpoint with :func:`read_local_checkpoint` before mmengine does).
     """
-    torch.serialization.add_safe_globals(checkpoint_safe_globals())
+    if load_defaults_to_weights_only():
+        torch.serialization.add_safe_globals(checkpoint_safe_globals())

@@ -11,6 +11,7 @@ Sizes are always read from the tensors, never derived as ``H // stride``: that i
 the models take inputs of any size with no padding and no interpolation.
 """
 import math
+import warnings
 from typing import Callable, Optional, Sequence, Tuple, Union
 
 import torch
@@ -25,6 +26,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from .checkpoint import load_pretrained
 from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
 from .presets import ARCH_ZOOS, NUM_STAGES, is_whole_number, resolve_arch
+from .torch_compat import is_tracing
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:
@@ -62,12 +64,6 @@ class PA(nn.Module):
         return x * self.gate(x)
 
 
-def _is_tracing() -> bool:
-    """Whether a graph is being recorded (ONNX / TorchScript tracing, ``torch.export``):
-    a loop over blocks of rows would then be frozen to the traced input's size."""
-    return torch.jit.is_tracing() or torch.compiler.is_exporting()
-
-
 class Mlp(nn.Module):
     """Linear, exact GELU, Linear; on the CPU a block of tokens at a time.
 
@@ -95,7 +91,7 @@ class Mlp(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens = x.reshape(-1, x.shape[-1])
         rows = max(1, self.hidden_block_elements // self.fc1.out_features)
-        if tokens.shape[0] <= rows or not x.is_cpu or _is_tracing():
+        if tokens.shape[0] <= rows or not x.is_cpu or is_tracing():
             return self._mlp(x)
         blocks = [self._mlp(block) for block in tokens.split(rows)]
         return torch.cat(blocks).view(*x.shape[:-1], -1)
@@ -164,7 +160,9 @@ class EMSA(ReducedKVAttention):
     head's ``N×N'`` map before ``@ v``. Without head mixing the attention is plain scaled
     dot-product (``F.scaled_dot_product_attention``).
 
-    With head mixing it runs the fused kernel of ``rest_mm.fused_attention``.
+    With head mixing it runs the fused kernel of ``rest_mm.fused_attention``, which
+    computes the map in float32 under autocast: the instance norm of a nearly uniform
+    map amplifies a bfloat16/float16 softmax's rounding (that module says by how much).
     """
 
     # Attention-map elements per block of query rows (16 MiB in float32): small enough to
@@ -191,7 +189,7 @@ class EMSA(ReducedKVAttention):
         """``IN(softmax(mix(q·kᵀ·scale))) @ v`` for ``q`` ``B×n×N×d``, ``k, v`` ``B×n×N'×d``."""
         B, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
-        tracing = _is_tracing()  # a traced graph would freeze the block size to this input's
+        tracing = is_tracing()  # a traced graph would freeze the block size to this input's
         rows = N if tracing else max(1, self.map_block_elements // max(1, B * n * k.shape[2]))
         drop = self.attn_drop if self.training else 0.
         needs_grad = any(t.requires_grad for t in (q, k, v, mix))
@@ -370,12 +368,50 @@ def _pretrained_cfg(init_cfg, model: str) -> Optional[dict]:
     return pretrained[0]
 
 
+# mmengine's CheckpointLoader resolves these to weights of a named model of another zoo
+# (ResNet, HRNet, ...): none holds a ResT or ResTV2.
+_MODEL_ZOO_SCHEMES = ('open-mmlab://', 'openmmlab://', 'torchvision://', 'modelzoo://',
+                      'mmcls://')
+
+
+def _init_cfg_from_pretrained(pretrained, init_cfg, model: str):
+    """``init_cfg`` with the deprecated ``pretrained`` argument folded in, as OpenMMLab
+    backbones accept it (mmseg's ``EncoderDecoder`` passes ``model.pretrained`` on).
+
+    Raises:
+        ValueError: ``pretrained`` cannot name a ResT checkpoint (another zoo's model, not a
+            string), or both it and ``init_cfg`` are given.
+    """
+    if pretrained is None:
+        return init_cfg
+    fix = (f"set model.pretrained=None and load {model} weights with model.backbone.init_cfg="
+           f"dict(type='Pretrained', checkpoint=PATH)")
+    if not isinstance(pretrained, str) or not pretrained:
+        raise ValueError(f'{model}: pretrained must be a checkpoint path or URL, got '
+                         f'{pretrained!r}; {fix}')
+    if pretrained.lower().startswith(_MODEL_ZOO_SCHEMES):
+        raise ValueError(f'{model}: pretrained={pretrained!r} names another architecture\'s '
+                         f'weights in a model zoo (the base config was written for another '
+                         f'backbone); {fix}')
+    if init_cfg is not None:
+        raise ValueError(f'{model}: got both pretrained={pretrained!r} and init_cfg={init_cfg}; '
+                         f'give only init_cfg')
+    warnings.warn(f'{model}: pretrained is deprecated; use init_cfg=dict(type=\'Pretrained\', '
+                  f'checkpoint={pretrained!r})', FutureWarning, stacklevel=4)
+    return dict(type='Pretrained', checkpoint=pretrained)
+
+
 def _resolve_out_indices(out_indices: Union[int, Sequence[int]], model: str) -> Tuple[int, ...]:
-    if isinstance(out_indices, int):
+    if is_whole_number(out_indices):
         out_indices = (out_indices, )
+    # bool is an int (True would mean stage 1), and () would build a model with no output
+    if not isinstance(out_indices, (list, tuple)) or not out_indices:
+        raise ValueError(f'{model}: out_indices must be a stage index or a non-empty list or '
+                         f'tuple of them (ints in 0..{NUM_STAGES - 1} or -{NUM_STAGES}..-1), '
+                         f'got {out_indices!r}')
     resolved = []
     for index in out_indices:
-        if not isinstance(index, int) or not -NUM_STAGES <= index < NUM_STAGES:
+        if not is_whole_number(index) or not -NUM_STAGES <= index < NUM_STAGES:
             raise ValueError(f'{model}: out_indices {tuple(out_indices)} must be stage indices '
                              f'in 0..{NUM_STAGES - 1} (or -{NUM_STAGES}..-1)')
         resolved.append(index % NUM_STAGES)
@@ -394,9 +430,10 @@ class _ResTBase(BaseModule):
     norm_in_path: bool = False
 
     def __init__(self, *, arch, in_channels, out_indices, drop_rate, attn_drop_rate,
-                 drop_path_rate, frozen_stages, norm_eval, with_cp, init_cfg):
-        super().__init__(init_cfg=init_cfg)
+                 drop_path_rate, frozen_stages, norm_eval, with_cp, init_cfg, pretrained):
         name = type(self).__name__
+        init_cfg = _init_cfg_from_pretrained(pretrained, init_cfg, name)
+        super().__init__(init_cfg=init_cfg)
         self.arch = resolve_arch(arch, name)
         self.embed_dims = tuple(self.arch['embed_dims'])
         self.out_indices = _resolve_out_indices(out_indices, name)
@@ -460,7 +497,8 @@ class _ResTBase(BaseModule):
     def init_weights(self):
         if self.pretrained_cfg is not None:
             load_pretrained(self, self.pretrained_cfg['checkpoint'],
-                            self.pretrained_cfg.get('prefix'))
+                            self.pretrained_cfg.get('prefix'),
+                            allow_non_finite=self.pretrained_cfg.get('allow_non_finite', False))
             self._is_init = True
             return
         if self.init_cfg is None:
@@ -539,7 +577,13 @@ class ResT(_ResTBase):
             Defaults to False.
         with_cp (bool): Activation checkpointing per block. Defaults to False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads
-            an authors' or converted checkpoint strictly. Defaults to None.
+            an authors' or converted checkpoint strictly; weights holding NaN or Inf are
+            refused unless it adds ``allow_non_finite=True``. Defaults to None.
+        pretrained (str, optional): Deprecated (OpenMMLab's older argument, which mmseg's
+            segmentors pass on from ``model.pretrained``): a checkpoint path or URL, taken
+            as ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a warning.
+            Another zoo's model name (``open-mmlab://...``, ``torchvision://...``) is
+            refused. Defaults to None.
     """
 
     fresh_norm_indices = (0, 1, 2)
@@ -559,11 +603,13 @@ class ResT(_ResTBase):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         super().__init__(arch=arch, in_channels=in_channels, out_indices=out_indices,
                          drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                          drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
-                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
+                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg,
+                         pretrained=pretrained)
         self.norm_in_path = norm_in_path
         dims, a = self.embed_dims, self.arch
         self.stem = ResTStem(in_channels, dims[0])
@@ -599,7 +645,13 @@ class ResTV2(_ResTBase):
             training. Defaults to False.
         with_cp (bool): Activation checkpointing per block. Defaults to False.
         init_cfg (dict, optional): ``dict(type='Pretrained', checkpoint=PATH)`` loads
-            an authors' or converted checkpoint strictly. Defaults to None.
+            an authors' or converted checkpoint strictly; weights holding NaN or Inf are
+            refused unless it adds ``allow_non_finite=True``. Defaults to None.
+        pretrained (str, optional): Deprecated (OpenMMLab's older argument, which mmseg's
+            segmentors pass on from ``model.pretrained``): a checkpoint path or URL, taken
+            as ``init_cfg=dict(type='Pretrained', checkpoint=pretrained)`` with a warning.
+            Another zoo's model name (``open-mmlab://...``, ``torchvision://...``) is
+            refused. Defaults to None.
     """
 
     fresh_norm_indices = (0, 1, 2, 3)
@@ -617,11 +669,13 @@ class ResTV2(_ResTBase):
                  frozen_stages: int = -1,
                  norm_eval: bool = False,
                  with_cp: bool = False,
-                 init_cfg: Optional[dict] = None):
+                 init_cfg: Optional[dict] = None,
+                 pretrained: Optional[str] = None):
         super().__init__(arch=arch, in_channels=in_channels, out_indices=out_indices,
                          drop_rate=drop_rate, attn_drop_rate=attn_drop_rate,
                          drop_path_rate=drop_path_rate, frozen_stages=frozen_stages,
-                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg)
+                         norm_eval=norm_eval, with_cp=with_cp, init_cfg=init_cfg,
+                         pretrained=pretrained)
         dims, a = self.embed_dims, self.arch
         self.stem = ResTV2Stem(in_channels, dims[0], self.norm_eps)
         self._build_stages(

@@ -57,3 +57,28 @@ def toy_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp('toy_data')
     generate_toy_datasets(str(root), SPEC)
     return root
+
+
+@pytest.fixture
+def read_only_dir(tmp_path) -> Path:
+    """A folder in which no file can be created, for root too: chmod 555 where that binds;
+    as root (which ignores permissions) /sys, where the kernel refuses new files."""
+    folder = tmp_path / 'read_only'
+    folder.mkdir()
+    folder.chmod(0o555)
+    try:
+        (folder / 'probe').touch()
+    except OSError:
+        yield folder
+        folder.chmod(0o755)
+        return
+    (folder / 'probe').unlink()
+    folder.chmod(0o755)
+    sys_dir = Path('/sys')
+    try:
+        (sys_dir / 'rest_mm_probe').touch()
+    except OSError:
+        yield sys_dir
+        return
+    (sys_dir / 'rest_mm_probe').unlink()
+    pytest.skip('no folder here refuses new files (root, and /sys is writable)')

@@ -9,7 +9,7 @@ from mmengine.registry import HOOKS
 
 from rest_mm.cli import runtime
 
-from testlib import REPO
+from testlib import REPO, needs_full_stack
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='adaptation applies without CUDA')
@@ -60,6 +60,7 @@ def test_test_metrics_json_is_written_by_rank_zero_only(tmp_path, monkeypatch):
     assert json.loads((tmp_path / 'metrics.json').read_text()) == {'mIoU': 1.5}
 
 
+@needs_full_stack
 def test_missing_dataset_names_path_and_remedy(tmp_path):
     cfg = Config.fromfile(str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py'))
     cfg.train_dataloader.dataset.data_root = str(tmp_path / 'toy_coco')

@@ -15,7 +15,7 @@ from rest_mm.cli.toy_data import (
     read_manifest,
 )
 
-from testlib import REPO, SMALL_SPEC, TOY_CONFIG_DIR
+from testlib import REPO, SMALL_SPEC, TOY_CONFIG_DIR, needs_full_stack
 
 
 def test_toy_data_is_exact_and_deterministic(tmp_path):
@@ -56,6 +56,7 @@ def test_toy_data_is_exact_and_deterministic(tmp_path):
         ToyDataSpec(height=48, width=64, max_size=100)
 
 
+@needs_full_stack
 @pytest.mark.parametrize('name', ['retinanet_rest_small_toy', 'mask_rcnn_rest_small_toy',
                                   'upernet_restv2_tiny_toy'])
 def test_toy_configs_only_swap_data_and_schedule(name):
@@ -73,6 +74,7 @@ def test_toy_configs_only_swap_data_and_schedule(name):
     assert 'SyncBN' not in toy.pretty_text
 
 
+@needs_full_stack
 def test_toy_configs_name_the_generated_classes():
     """The configs' class names are the generator's, in its label order (COCO category ids
     from 1; ADE label values with 0 as background): the data's one definition."""

@@ -4,12 +4,16 @@ import torch
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
-import rest_mm.dense_heads  # noqa: F401  (registers LateClippingRetinaHead in mmdet)
+from testlib import needs_full_stack
+
+pytestmark = needs_full_stack
 
 
 def test_late_clipping_head_refuses_a_clipping_coder_and_clips_after_rescaling():
     from mmdet.registry import MODELS
     from mmengine.structures import InstanceData
+
+    import rest_mm.dense_heads  # noqa: F401  (registers LateClippingRetinaHead in mmdet)
     head_cfg = dict(type='LateClippingRetinaHead', num_classes=2, in_channels=8,
                     feat_channels=8, stacked_convs=1,
                     anchor_generator=dict(type='AnchorGenerator', octave_base_scale=4,

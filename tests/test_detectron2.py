@@ -35,7 +35,7 @@ from rest_mm.detectron2 import (
 )
 
 import reference_detectron2 as ref
-from testlib import REPO
+from testlib import REPO, needs_full_stack
 
 KEY_DUMPS = Path(__file__).parent / 'data' / 'detectron2'
 IMAGENET_KEYS = json.loads(
@@ -214,6 +214,7 @@ def test_layout_equals_real_detectron2(model):
     assert dict(detectron2_layout(architecture, backbone, buffers=False)) == _real_layout(model)
 
 
+@needs_full_stack
 @pytest.mark.parametrize('model', sorted(RELEASED))
 def test_every_released_layout_converts_and_loads_strictly(model):
     """Each released model's real key layout: every key mapped, the matching config named,
@@ -227,6 +228,7 @@ def test_every_released_layout_converts_and_loads_strictly(model):
     build_detector(meta['config']).load_state_dict(converted, strict=True)
 
 
+@needs_full_stack
 def test_retinanet_converts_and_loads_strictly(retinanet):
     weights, converted, meta, _ = retinanet  # the fixture loads strictly
     assert meta == dict(
@@ -246,6 +248,7 @@ def test_retinanet_converts_and_loads_strictly(retinanet):
                        weights['backbone.top_block.p7.weight'])
 
 
+@needs_full_stack
 def test_mask_rcnn_converts_and_loads_strictly(mask_rcnn):
     weights, converted, meta, _ = mask_rcnn
     assert (meta['architecture'], meta['backbone'], meta['config'], meta['input_format']) == (
@@ -260,6 +263,7 @@ def test_mask_rcnn_converts_and_loads_strictly(mask_rcnn):
                        weights['proposal_generator.rpn_head.anchor_deltas.weight'])
 
 
+@needs_full_stack
 def test_conversion_is_pure_and_deterministic():
     weights = synthetic_detectron2('RetinaNet', 'rest_small', buffers=False)
     before = {k: v.clone() for k, v in weights.items()}
@@ -270,6 +274,7 @@ def test_conversion_is_pure_and_deterministic():
     assert all(torch.equal(weights[k], before[k]) for k in weights)
 
 
+@needs_full_stack
 def test_new_detectron2_without_buffers(retinanet):
     """Newer detectron2 keeps pixel statistics and anchors out of the checkpoint: the
     input is then the backbone version's recipe, and the meta says so."""
@@ -282,6 +287,7 @@ def test_new_detectron2_without_buffers(retinanet):
     assert 'not in the checkpoint' in meta['preprocessing']['source']
 
 
+@needs_full_stack
 def test_pkl_numpy_values_convert(retinanet):
     """detectron2's .pkl files: ``{"model": {key: numpy array}, "__author__": ...}``."""
     weights = synthetic_detectron2('RetinaNet', 'rest_small')
@@ -315,6 +321,7 @@ def test_missing_key_is_named():
         convert_detectron2_detector(weights)
 
 
+@needs_full_stack
 def test_wrong_buffers_are_refused():
     weights = synthetic_detectron2('RetinaNet', 'rest_small')
     weights['anchor_generator.cell_anchors.2'] = weights['anchor_generator.cell_anchors.3']
@@ -342,6 +349,7 @@ def _levels_hwa(tensor: torch.Tensor, per_anchor: int) -> torch.Tensor:
     return tensor.permute(1, 2, 0).reshape(-1, tensor.shape[0] // per_anchor, per_anchor)
 
 
+@needs_full_stack
 def test_anchor_orders():
     """detectron2 is size-major, mmdet ratio-major; the permutation maps one to the other."""
     from mmdet.models.task_modules.prior_generators import AnchorGenerator
@@ -371,6 +379,7 @@ def _box_difference(boxes: torch.Tensor, wanted: torch.Tensor, anchors: torch.Te
     return (boxes - wanted).abs().max().item(), int(below.sum())
 
 
+@needs_full_stack
 def test_retinanet_scores_the_boxes_detectron2_scores(retinanet):
     """Per anchor: detectron2's anchor, score for every class and decoded box (FPN with
     P6/P7 from C5 and a ReLU before P7, head, anchors, Box2BoxTransform) equal the
@@ -422,6 +431,7 @@ def _match(found: dict, wanted: dict) -> Tuple[int, float]:
     return unmatched, worst
 
 
+@needs_full_stack
 def test_retinanet_detections(retinanet):
     """Thresholds, top-k, per-class NMS and the 100 best, as detectron2 runs them. mmdet's
     RetinaHead clips boxes to the image before NMS (its bbox coder's ``clip_border``),
@@ -462,6 +472,7 @@ def test_retinanet_detections(retinanet):
           f'{unmatched} of {len(expected["scores"])} differ; matched boxes within {worst:.2e}')
 
 
+@needs_full_stack
 def test_rpn_anchors_and_deltas(mask_rcnn):
     """Mask R-CNN's RPN on the converted FPN: anchors, objectness and decoded proposals
     per anchor equal detectron2's (P2..P5 and P6 by max pooling)."""
@@ -497,6 +508,7 @@ def test_rpn_anchors_and_deltas(mask_rcnn):
     print(f'RPN vs reference, largest differences: {worst}')
 
 
+@needs_full_stack
 def test_roi_level_assignment(mask_rcnn):
     """mmdet's ``map_roi_levels`` (finest_scale 56) equals detectron2's
     ``assign_boxes_to_levels`` (canonical box 224 at level 4, levels 2..5), boxes at the
@@ -520,6 +532,7 @@ def test_roi_level_assignment(mask_rcnn):
     assert expected[:len(sides)].tolist() == [0, 0, 0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 3]
 
 
+@needs_full_stack
 def test_box_head_decoding(mask_rcnn):
     """Class probabilities and clipped class-specific boxes of the box head, with
     detectron2's (10, 10, 5, 5) weights and its scale clamp, as mmdet predicts them."""
@@ -544,6 +557,7 @@ def test_box_head_decoding(mask_rcnn):
           f'boxes {box_diff:.1e}')
 
 
+@needs_full_stack
 def test_box_decoding_clamps():
     """detectron2 clamps dw/dh from above only (log(1000/16)), mmdet from both sides: they
     agree for every delta above -log(1000/16), i.e. unless a box shrinks to less than
@@ -571,6 +585,7 @@ def _architecture_of(cfg) -> str:
     return 'RetinaNet' if cfg.model.type == 'RetinaNet' else 'MaskRCNN'
 
 
+@needs_full_stack
 @pytest.mark.parametrize('base,architecture', [
     ('mmdet::retinanet/retinanet_r50_fpn_1x_coco.py', 'RetinaNet'),
     ('mmdet::mask_rcnn/mask-rcnn_r50_fpn_1x_coco.py', 'MaskRCNN')])
@@ -600,6 +615,7 @@ def _check_test_input(cfg):
     return load, resize
 
 
+@needs_full_stack
 @pytest.mark.parametrize('config', DETECTION_CONFIGS)
 def test_configs_evaluate_like_detectron2(config):
     """Every detection config: detectron2's test settings, anchors, box coding, FPN top
@@ -658,6 +674,7 @@ def test_resized_size_equals_detectron2():
     assert len(differ) <= 4, differ  # 2 of 81796 sizes here: (99, 946) and (946, 99)
 
 
+@needs_full_stack
 def test_check_preprocessing_names_the_fitting_config(retinanet, mask_rcnn):
     v1_meta, v2_meta = retinanet[2], mask_rcnn[2]
     v1_cfg = Config.fromfile(str(REPO / v1_meta['config']))
@@ -710,6 +727,7 @@ def _toy_options(root: Path) -> list:
             'test_dataloader.num_workers=0', 'test_dataloader.persistent_workers=False']
 
 
+@needs_full_stack
 @pytest.mark.slow
 @pytest.mark.parametrize('architecture,backbone', [('RetinaNet', 'rest_small'),
                                                    ('MaskRCNN', 'restv2_tiny')])
@@ -733,6 +751,7 @@ def test_converted_checkpoint_runs_through_test_tool(tmp_path, toy_coco, archite
     assert f'evaluate it with {meta["config"]}' in wrong.stderr
 
 
+@needs_full_stack
 def test_convert_released_recognises_a_detectron2_detector():
     weights, meta = convert_released({'model': synthetic_detectron2('RetinaNet', 'rest_small')})
     assert meta['kind'] == 'detector' and meta['source'] == 'detectron2'

@@ -4,6 +4,10 @@ import importlib.metadata as metadata
 import pytest
 import torch
 
+from testlib import needs_full_stack
+
+pytestmark = needs_full_stack
+
 PINS = {'torch': '2.13.0', 'mmengine': '0.10.7', 'mmcv': '2.1.0', 'mmdet': '3.3.0',
         'mmsegmentation': '1.2.2'}
 

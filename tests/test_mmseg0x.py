@@ -27,7 +27,9 @@ from rest_mm.conversion import convert_released
 from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 from rest_mm.testing import straightforward
 
-from testlib import REPO
+from testlib import REPO, needs_full_stack
+
+pytestmark = needs_full_stack
 
 CONFIG = 'configs/segmentation/upernet_restv2_tiny_ade20k.py'
 IN_CHANNELS = (96, 192, 384, 768)

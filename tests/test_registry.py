@@ -9,9 +9,10 @@ import textwrap
 
 import pytest
 
-from testlib import REPO
+from testlib import REPO, needs_full_stack
 
 
+@needs_full_stack
 @pytest.mark.parametrize('library', ['mmdet', 'mmseg'])
 def test_custom_imports_register_both_backbones(tmp_path, library):
     config = tmp_path / 'my_config.py'
@@ -38,6 +39,7 @@ def test_custom_imports_register_both_backbones(tmp_path, library):
     assert 'ResTV2 [96, 192, 384, 768]' in result.stdout
 
 
+@needs_full_stack
 def test_import_registers_the_backbones_and_nothing_else():
     """In a fresh interpreter: every registry entry that comes from rest_mm, in mmengine's,
     mmdet's and mmseg's registries, and the rest_mm modules that got imported."""
@@ -93,6 +95,7 @@ _MODULES = {'.'.join(p for p in path.relative_to(REPO).with_suffix('').parts if 
             for path in (REPO / 'rest_mm').rglob('*.py')}
 
 
+@needs_full_stack
 def test_package_has_no_import_cycle():
     graph = _package_imports()
     assert set(graph) == _MODULES

@@ -12,7 +12,9 @@ import torch
 
 from rest_mm.cli import demo as demo_tool
 
-from testlib import DET_CONFIG, SEG_CONFIG, TOOLS_DIR, run, write_image
+from testlib import DET_CONFIG, SEG_CONFIG, TOOLS_DIR, needs_full_stack, run, write_image
+
+pytestmark = needs_full_stack
 
 
 def test_demo_rejects_bad_inputs(tmp_path):

@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from testlib import TOOLS_DIR, data_options, latest_metrics, run
+from testlib import TOOLS_DIR, data_options, latest_metrics, needs_full_stack, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_full_stack]
 
 
 def _free_port() -> int:

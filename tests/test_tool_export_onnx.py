@@ -8,7 +8,14 @@ import torch
 
 from rest_mm.cli import export_onnx as export_tool
 
-from testlib import DET_CONFIG, REFERENCE_BY_NAME, SEG_CONFIG, reference_config, reference_model
+from testlib import (
+    DET_CONFIG,
+    REFERENCE_BY_NAME,
+    SEG_CONFIG,
+    needs_full_stack,
+    reference_config,
+    reference_model,
+)
 
 
 @pytest.mark.parametrize('output_size', [1, 2, 3, 6, (2, 5)])
@@ -20,6 +27,7 @@ def test_exportable_adaptive_pool_is_exact(output_size):
         torch.testing.assert_close(pool(x), reference(x), atol=1e-6, rtol=1e-6)
 
 
+@needs_full_stack
 def test_export_rejects_bad_requests(tmp_path):
     assert export_tool.parse_size('2x200x328') == (2, 200, 328)
     assert export_tool.parse_size('333x517') == (1, 333, 517)
@@ -79,6 +87,7 @@ def test_export_backbone_runs_at_any_size(tmp_path, name, reference_dir, referen
     assert [s.shape[-2:] for s in stages] == [(84, 130), (42, 65), (21, 33), (11, 17)]
 
 
+@needs_full_stack
 @pytest.mark.slow
 def test_export_segmentor_runs_at_any_size(tmp_path, reference_arch, capsys):
     # The real config, shrunk to the reference backbone and narrow heads to stay fast.

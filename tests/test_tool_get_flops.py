@@ -2,7 +2,7 @@
 from rest_mm.cli import get_flops
 from rest_mm.presets import PRESET_NAMES
 
-from testlib import CONFIG_DIR
+from testlib import CONFIG_DIR, needs_full_stack
 
 
 def _table(text):
@@ -29,6 +29,7 @@ def test_flops_at_224_match_the_published_numbers(capsys):
     assert abs(params['rest_small'] - 13.66) < 0.05 and abs(params['restv2_tiny'] - 30) < 0.5
 
 
+@needs_full_stack
 def test_get_flops_counts_a_config_model(capsys):
     config = CONFIG_DIR / 'segmentation/upernet_restv2_tiny_ade20k.py'
     get_flops.main(['--backbones', '--configs', str(config), '--config-size', '64x128'])

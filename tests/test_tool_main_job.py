@@ -5,9 +5,9 @@ from pathlib import Path
 
 import pytest
 
-from testlib import TOOLS_DIR, run
+from testlib import TOOLS_DIR, needs_full_stack, run
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, needs_full_stack]
 
 # The main job's test at half the toy images' size (a quarter of the pixels, a third of the
 # full-size run's work): 345 s of CPU time, 7 min on this project's 2-core machine while four

@@ -6,7 +6,9 @@ from mmengine.config import Config
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
 from rest_mm.cli import test as test_tool
 
-from testlib import CONFIG_DIR, REPO, fresh_toy_data, toy_options
+from testlib import CONFIG_DIR, REPO, fresh_toy_data, needs_full_stack, toy_options
+
+pytestmark = needs_full_stack
 
 UPERNET_TINY = 'segmentation/upernet_restv2_tiny_ade20k.py'
 

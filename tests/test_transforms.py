@@ -5,6 +5,10 @@ import pytest
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
 
+from testlib import needs_full_stack
+
+pytestmark = needs_full_stack
+
 
 # --- the authors' test-time resize -------------------------------------------------------
 @pytest.mark.parametrize('shape,scale,expected', [

@@ -1,15 +1,18 @@
 """Tables and helpers that several test modules share (imported as ``testlib``: the tests
 folder is no package, because the mmsegmentation wheel installs a top-level ``tests``)."""
+import contextlib
 import functools
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
 import mmcv
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -17,6 +20,19 @@ from rest_mm import ResT, ResTV2, convert_checkpoint
 from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.testing import straightforward
+
+# What the library-only environments (.venv-torch2.1, .venv-torch2.14: torch, mmengine,
+# mmcv-lite) lack of the pinned stack. Tests that need any of it are marked needs_full_stack
+# (as `pytestmark` for a whole module): they skip there, naming what is missing, and run
+# on the pinned stack (.venv), where nothing is missing.
+FULL_STACK_MISSING = tuple(
+    name for name, module in (('mmdet', 'mmdet'), ('mmsegmentation', 'mmseg'),
+                              ("mmcv's compiled ops", 'mmcv._ext'))
+    if importlib.util.find_spec(module) is None)
+needs_full_stack = pytest.mark.skipif(
+    bool(FULL_STACK_MISSING),
+    reason=f'needs the pinned OpenMMLab stack; {", ".join(FULL_STACK_MISSING)} missing here '
+           f'(a library-only environment)')
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG_DIR = REPO / 'configs'
@@ -195,3 +211,27 @@ def tool_help(script: str) -> subprocess.CompletedProcess:
     """``python SCRIPT --help``, ``SCRIPT`` relative to the repository; run once a session."""
     return subprocess.run([sys.executable, str(REPO / script), '--help'], capture_output=True,
                           text=True, cwd=REPO, timeout=300)
+
+
+@contextlib.contextmanager
+def work_dir_held_by_another_process(work_dir: Path) -> Iterator[subprocess.Popen]:
+    """A live process (yielded) that holds ``work_dir`` as a training run would
+    (:func:`rest_mm.cli.safe_files.lock_work_dir`); killed at the end. It loads safe_files
+    alone (the standard library only), so it starts at once."""
+    import rest_mm.cli.safe_files as safe_files
+    script = (f'import importlib.util, sys, time\n'
+              f'spec = importlib.util.spec_from_file_location("safe_files", '
+              f'{safe_files.__file__!r})\n'
+              f'module = importlib.util.module_from_spec(spec)\n'
+              f'spec.loader.exec_module(module)\n'
+              f'module.lock_work_dir(sys.argv[1])\n'
+              f'print("held", flush=True)\n'
+              f'time.sleep(300)\n')
+    holder = subprocess.Popen([sys.executable, '-c', script, str(work_dir)],
+                              stdout=subprocess.PIPE, text=True, env={**os.environ, 'RANK': '0'})
+    try:
+        assert holder.stdout.readline().strip() == 'held'
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()

@@ -1,9 +1,12 @@
 """Export a ResT/ResTV2 backbone, or a whole mmseg segmentor, to ONNX with dynamic sizes.
 
 Batch, height and width are dynamic; after writing, the tool checks with onnxruntime that
-the file reproduces PyTorch at several sizes (:func:`verify` says within what). Detectors
+the file reproduces PyTorch at several sizes (:func:`verify` says within what); it is written
+under a temporary name and takes the place of ``--out`` only once it has passed, so a kill,
+a full disk or a failed check leaves a previous file there as it was. Detectors
 are not exported: their outputs need box decoding and NMS outside the network. The exporter
-is torch's TorchScript one (``dynamo=False``, opset 17): seconds, and no extra package.
+is torch's TorchScript one (``dynamo=False`` where torch has that switch; opset 17): seconds,
+and no extra package.
 README, "ONNX export", says more.
 """
 import argparse
@@ -18,9 +21,11 @@ import torch
 from torch import nn
 
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
-from rest_mm.cli.builders import build_standalone_backbone
+from rest_mm.cli.builders import build_standalone_backbone, positive_float
 from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
+from rest_mm.torch_compat import onnx_export_torchscript
 
 DEFAULT_SIZES = ((1, 224, 224), (2, 200, 328), (1, 333, 517))
 OPSET = 17  # the first with LayerNormalization; SDPA is exported as MatMul/Softmax
@@ -40,7 +45,7 @@ def parse_args(argv=None):
                         help='sizes to check with onnxruntime, e.g. 224x224 2x200x328 '
                         '(default: 224x224 2x200x328 333x517)')
     parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime check')
-    parser.add_argument('--atol', type=float, default=1e-4,
+    parser.add_argument('--atol', type=positive_float, default=1e-4,
                         help='accepted difference from PyTorch where float32 rounding is not '
                         'amplified (default 1e-4; see verify())')
     return parser.parse_args(argv)
@@ -160,9 +165,9 @@ def export(model: nn.Module, output_names: List[str], out_file: str):
         warnings.filterwarnings('ignore', category=DeprecationWarning)
         warnings.filterwarnings('ignore', category=torch.jit.TracerWarning,
                                 module='rest_mm.rest')
-        torch.onnx.export(model, (example, ), out_file, dynamo=False, opset_version=OPSET,
-                          input_names=['image'], output_names=output_names,
-                          dynamic_axes=dynamic_axes)
+        onnx_export_torchscript(model, (example, ), out_file, opset_version=OPSET,
+                                input_names=['image'], output_names=output_names,
+                                dynamic_axes=dynamic_axes)
 
 
 @torch.no_grad()
@@ -235,14 +240,29 @@ def main(argv=None):
             raise SystemExit(str(error))  # a wrong name, config or checkpoint: it says which
         output_names = [f'stage{i + 1}' for i in model.out_indices]
 
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    weight_bytes = sum(t.numel() * t.element_size()
+                       for t in [*model.parameters(), *model.buffers()])
+    try:  # the file holds the weights (float32) and a small graph
+        check_output_path(args.out, 'file', needed_bytes=weight_bytes, option='--out')
+        # Exported and verified under a temporary name: a kill, a full disk or a failed check
+        # leaves the previous file at --out as it was.
+        with atomic_output(args.out, 'export ONNX to') as temporary:
+            export_and_verify(model, output_names, description, temporary, args, sizes)
+    except OutputError as error:
+        raise SystemExit(str(error))
+
+
+def export_and_verify(model: nn.Module, output_names: List[str], description: str,
+                      out_file: str, args, sizes):
+    """Export to ``out_file`` and check it at ``sizes`` (unless ``--no-verify``); the
+    messages name ``--out``. A file that fails the check is a ``SystemExit``."""
     start = time.perf_counter()
-    export(model, output_names, args.out)
+    export(model, output_names, out_file)
     print(f'{args.out}: {description}; outputs {", ".join(output_names)}; '
           f'exported in {time.perf_counter() - start:.1f} s (opset {OPSET}, dynamic B, H, W)')
     if args.no_verify:
         return
-    rows = verify(model, args.out, sizes, args.atol)
+    rows = verify(model, out_file, sizes, args.atol)
     print(f'{"input BxHxW":>14} {"max |onnx - torch|":>19} {"torch fp32 vs fp64":>19} '
           f'{"tolerance":>10}  ok')
     for row in rows:
@@ -251,7 +271,8 @@ def main(argv=None):
               f'{row["tolerance"]:>10.1e}  {"yes" if row["ok"] else "NO"}')
     if not all(row['ok'] for row in rows):
         raise SystemExit(f'the ONNX file does not reproduce PyTorch within the tolerance '
-                         f'(--atol {args.atol} plus 10x PyTorch\'s own float32 error)')
+                         f'(--atol {args.atol} plus 10x PyTorch\'s own float32 error), so '
+                         f'{args.out} was not written (--no-verify writes it unchecked)')
 
 
 if __name__ == '__main__':
