@@ -1,4 +1,5 @@
-"""Latency, throughput and peak memory of backbones or whole models.
+"""Latency, throughput and peak memory of backbones or whole models, in float32 and under
+autocast (bfloat16, float16) with the output error that costs.
 
 Models are named on the command line:
 
@@ -6,8 +7,11 @@ Models are named on the command line:
 * the straightforward implementation (rest_mm/testing/straightforward.py) of the same:
   ``straightforward_rest_small``, ``straightforward_restv2_tiny``, ...;
 * mmdet's peers: ``pvt_small`` (PVT-S), ``pvtv2_b1`` (PVTv2-B1), ``swin_tiny`` (Swin-T);
-* a config file (``configs/detection/....py``): the whole model in ``tensor`` mode
-  (backbone, neck and heads; no post-processing).
+* a config: a file (``configs/detection/....py``) or one shipped with mmdet or mmseg,
+  named ``mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py`` or
+  ``mmseg::upernet/upernet_r50_4xb4-160k_ade20k-512x512.py``. With ``--mode forward`` the
+  whole model in ``tensor`` mode (backbone, neck and heads; no post-processing); with
+  ``--mode predict`` the whole inference, in three phases (below).
 
 Examples::
 
@@ -19,11 +23,44 @@ Examples::
     # latency against input size, drawn to a PNG
     python tools/benchmark.py rest_small swin_tiny --size 320x320 512x512 800x1344 \\
         --plot latency.png
+    # float32 against bfloat16 autocast: time and output error (relative L2 per stage)
+    python tools/benchmark.py rest_small restv2_tiny swin_tiny --dtype float32 bfloat16 \\
+        --threads 1
+    # whole detectors, ours beside mmdet's own Swin-T, trained weights for ours
+    python tools/benchmark.py configs/detection/retinanet_rest_small_coco.py \\
+        mmdet::swin/retinanet_swin-t-p4-w7_fpn_1x_coco.py --mode predict \\
+        --size 800x1333 --dtype float32 bfloat16 --checkpoint work_dirs/rest.pth none
 
 Timing: each measurement is the median wall-clock time of ``--runs`` calls after
 ``--warmup`` calls. With ``--compare`` the models take turns, one call each per round, so
 that load from other processes on a shared machine hits them all alike. Ratios are
 latency divided by the first model's latency.
+
+Precision (``--dtype``): float32, or the model run under ``torch.autocast`` on the CPU in
+bfloat16 or float16, on the same weights. The error of a low-precision run is the relative
+L2 distance ``‖y − y₃₂‖ / ‖y₃₂‖`` of each output from float32's (backbones: each stage;
+whole models: the features of backbone and neck), on one random input; the table gives the
+worst output. bfloat16 is fast only on CPUs with native bfloat16 instructions
+(``amx_bf16``, ``avx512_bf16``); the tool says whether this one has them. float16 on a CPU
+shows the accuracy of CUDA's mixed precision (``--amp``); its CPU speed means little.
+``--mode predict`` runs bfloat16 as ``tools/test.py --amp`` does on a CPU: backbone, neck
+and heads under autocast, box decoding, NMS and resizing in float32.
+
+Whole inference (``--mode predict``, configs only), per image of the given size (random
+noise, uint8, as the dataset pipeline hands it over, already resized):
+
+* pre-processing: the model's ``data_preprocessor`` (to float, normalise, pad, batch);
+  decoding and resizing the image (the dataset pipeline) are not included;
+* forward: backbone, neck and heads (for two-stage detectors the RoI heads too);
+* post-processing: the heads' ``predict_by_feat`` (box decoding, score threshold, NMS,
+  mask pasting; segmentation logits resized to the image) and the model's result
+  packing (``postprocess_result`` / ``add_pred_to_datasample``).
+
+Without ``--checkpoint`` the weights are mmengine's initialisation (``init_weights``):
+post-processing then works on scores no trained model gives (how many boxes pass the
+score threshold decides its time), so its time is not representative; the table shows
+how many detections each image kept. Nothing is downloaded: pretrained-weight loading in a
+config (``init_cfg`` of type ``Pretrained``, ``pretrained=``) is switched off, with a note.
 
 Memory (``--memory``): the growth of the process's peak resident set size during one
 call, in a fresh subprocess per model and size (model built, input made, peak counter
@@ -31,8 +68,12 @@ reset, one call). It counts everything the call allocates on the CPU heap (activ
 temporaries, autograd buffers), not the weights.
 """
 import argparse
+import contextlib
+import copy
 import gc
+import importlib.util
 import json
+import logging
 import os
 import resource
 import statistics
@@ -40,13 +81,21 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from rest_mm.cli.builders import build_config_model, build_ours, data_samples, parse_size
-from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.cli.builders import (
+    build_config_model,
+    build_ours,
+    data_samples,
+    parse_size,
+    positive_int,
+)
+from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
+from rest_mm.cli.runtime import adapt_config_to_device, refuse_output_over_inputs
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
 from rest_mm.testing import straightforward
 
@@ -59,42 +108,182 @@ PEERS = {
 }
 DEFAULT_COMPARISON = ['rest_small', 'straightforward_rest_small', 'restv2_tiny',
                       'straightforward_restv2_tiny', 'pvt_small', 'pvtv2_b1', 'swin_tiny']
+DTYPES = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}
+#: Libraries whose shipped configs can be named ``LIBRARY::path/in/its/configs.py``.
+CONFIG_LIBRARIES = ('mmdet', 'mmseg')
+#: Methods that turn head outputs into results: the post-processing phase of
+#: ``--mode predict`` is the time spent in them.
+POST_PROCESSING_METHODS = ('predict_by_feat', 'postprocess_result', 'add_pred_to_datasample')
+#: ``--checkpoint`` value for random weights.
+NO_CHECKPOINT = 'none'
+PHASES = ('preprocess', 'forward', 'postprocess')
 
 
 def known_names() -> List[str]:
     return list(PRESET_NAMES) + [STRAIGHTFORWARD_PREFIX + n for n in PRESET_NAMES] + list(PEERS)
 
 
-def build_model(name: str) -> nn.Module:
-    """A model by benchmark name or config path, with seeded random weights."""
-    torch.manual_seed(0)
-    if name.endswith('.py'):
+def is_config(name: str) -> bool:
+    return name.endswith('.py')
+
+
+def resolve_config(name: str) -> str:
+    """The file of a config named by its path or as ``LIBRARY::path`` (a config shipped
+    with mmdet or mmseg, under the package's ``.mim/configs``).
+
+    Raises:
+        FileNotFoundError: No such file, or the library is not installed.
+        ValueError: A ``LIBRARY::`` prefix other than mmdet / mmseg.
+    """
+    if '::' not in name:
         if not Path(name).is_file():
             raise FileNotFoundError(f'config {name!r} does not exist')
-        return build_config_model(name)
-    if name in PRESET_NAMES:
-        return build_ours(name)
-    if name.startswith(STRAIGHTFORWARD_PREFIX) and \
+        return name
+    library, relative = name.split('::', 1)
+    if library not in CONFIG_LIBRARIES:
+        raise ValueError(f'config {name!r}: {library!r}:: is no library this tool knows; '
+                         f'use {" or ".join(c + "::" for c in CONFIG_LIBRARIES)}')
+    spec = importlib.util.find_spec(library)
+    if spec is None:
+        raise FileNotFoundError(f'config {name!r}: {library} is not installed')
+    root = Path(spec.origin).parent / '.mim' / 'configs'
+    path = root / relative
+    if not path.is_file():
+        raise FileNotFoundError(f'config {name!r} does not exist: no {relative} under {root}')
+    return str(path)
+
+
+def _disable_pretrained(node, where: str) -> List[str]:
+    """Switch off every pretrained-weight loading under the config ``node`` (in place):
+    ``init_cfg`` entries of type ``Pretrained`` and string ``pretrained`` values.
+    Returns where each was, with what it would have loaded."""
+    disabled = []
+    if isinstance(node, dict):
+        for key in list(node):
+            value = node[key]
+            here = f'{where}.{key}'
+            if key == 'pretrained' and isinstance(value, str):
+                disabled.append(f'{here}={value}')
+                node[key] = None
+            elif key == 'init_cfg' and isinstance(value, dict) and \
+                    value.get('type') == 'Pretrained':
+                disabled.append(f'{here} ({value.get("checkpoint")})')
+                node[key] = None
+            elif key == 'init_cfg' and isinstance(value, (list, tuple)):
+                kept = [v for v in value if not (isinstance(v, dict) and
+                                                 v.get('type') == 'Pretrained')]
+                disabled += [f'{here} ({v.get("checkpoint")})' for v in value if v not in kept]
+                node[key] = kept
+            else:
+                disabled += _disable_pretrained(value, here)
+    elif isinstance(node, (list, tuple)):
+        for i, value in enumerate(node):
+            disabled += _disable_pretrained(value, f'{where}[{i}]')
+    return disabled
+
+
+def _initialise_quietly(model: nn.Module) -> None:
+    """mmengine's ``init_weights``, without its log line per parameter."""
+    from mmengine.logging import MMLogger
+    logger = MMLogger.get_current_instance()
+    level = logger.level
+    logger.setLevel(logging.WARNING)
+    try:
+        model.init_weights()
+    finally:
+        logger.setLevel(level)
+
+
+def build_whole_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, str]:
+    """The detector or segmentor of a config, with weights from ``checkpoint`` (one trained
+    with the config) or mmengine's initialisation; nothing is downloaded.
+
+    Args:
+        name (str): A config path or ``mmdet::`` / ``mmseg::`` name.
+        checkpoint (str, optional): A whole-model checkpoint. Defaults to None (random).
+
+    Returns:
+        tuple: ``(model, description of its weights)``.
+    """
+    from mmengine.config import Config
+    cfg = adapt_config_to_device(Config.fromfile(resolve_config(name)))
+    disabled = _disable_pretrained(cfg.model, 'model')
+    if disabled:
+        print(f'# {name}: pretrained loading switched off (nothing is downloaded): '
+              + '; '.join(disabled))
+    model = build_config_model(cfg)
+    if checkpoint is None:
+        _initialise_quietly(model)
+        return model, 'random weights (mmengine init_weights)'
+    from rest_mm.checkpoint import check_model_fits, read_checkpoint
+    try:
+        weights = read_checkpoint(checkpoint)
+        check_model_fits(model, weights, checkpoint)
+    except (FileNotFoundError, RuntimeError) as error:
+        raise SystemExit(f'{checkpoint} does not load into the model of {name} (a checkpoint '
+                         f'trained with that config is needed): {error}')
+    state_dict = weights.get('state_dict', weights)
+    model.load_state_dict({(k[len('module.'):] if k.startswith('module.') else k): v
+                           for k, v in state_dict.items()})
+    return model, f'weights {checkpoint}'
+
+
+def build_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module, str]:
+    """A model by benchmark name or config, with seeded random weights, or for our presets
+    and configs those of ``checkpoint``.
+
+    Returns:
+        tuple: ``(model, description of its weights)``.
+    """
+    torch.manual_seed(0)
+    if is_config(name):
+        model, weights = build_whole_model(name, checkpoint)
+    elif name in PRESET_NAMES:
+        model, weights = build_ours(name), 'random weights'
+        if checkpoint is not None:
+            from rest_mm.checkpoint import load_pretrained
+            try:
+                load_pretrained(model, checkpoint)
+            except (FileNotFoundError, RuntimeError) as error:
+                raise SystemExit(f'{checkpoint} does not load into {name}: {error}')
+            weights = f'weights {checkpoint}'
+    elif name.startswith(STRAIGHTFORWARD_PREFIX) and \
             name[len(STRAIGHTFORWARD_PREFIX):] in PRESET_NAMES:
-        return straightforward.build(name[len(STRAIGHTFORWARD_PREFIX):])
-    if name in PEERS:
+        model, weights = straightforward.build(name[len(STRAIGHTFORWARD_PREFIX):]), \
+            'random weights'
+    elif name in PEERS:
         from mmdet.registry import MODELS
         from mmengine.registry import init_default_scope
         init_default_scope('mmdet')
-        return MODELS.build(dict(PEERS[name]))
-    raise KeyError(f'unknown model {name!r}: give a config file (.py) or one of {known_names()}')
+        model, weights = MODELS.build(dict(PEERS[name])), 'random weights'
+    else:
+        raise KeyError(f'unknown model {name!r}: give a config file (.py) or one of '
+                       f'{known_names()}')
+    return model, weights
 
 
-def make_step(model: nn.Module, batch: int, size: Tuple[int, int],
-              mode: str) -> Callable[[], None]:
-    """One inference call (``forward``) or one training step's forward and backward."""
+def precision(dtype: torch.dtype):
+    """The context a call runs in: nothing for float32, CPU autocast otherwise."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast('cpu', dtype=dtype)
+
+
+def make_step(model: nn.Module, batch: int, size: Tuple[int, int], mode: str,
+              dtype: torch.dtype = torch.float32) -> Callable[[], Optional[dict]]:
+    """One inference call (``forward``), one training step's forward and backward
+    (``train``), or one whole inference in three timed phases (``predict``, see
+    :func:`make_predict_step`)."""
+    if mode == 'predict':
+        return make_predict_step(model, batch, size, dtype)
     images = torch.randn(batch, 3, *size)
     samples = data_samples(model, batch, size)
 
     def run(m):
-        if samples is None:
-            return m(images)
-        return m(images, samples, mode='tensor')
+        with precision(dtype):
+            if samples is None:
+                return m(images)
+            return m(images, samples, mode='tensor')
 
     if mode == 'forward':
         model.eval()
@@ -112,6 +301,84 @@ def make_step(model: nn.Module, batch: int, size: Tuple[int, int],
     return step
 
 
+def _random_images(batch: int, size: Tuple[int, int]) -> List[torch.Tensor]:
+    """Images as the dataset pipeline hands them to the model: uint8 C×H×W."""
+    return [torch.randint(0, 256, (3, *size), dtype=torch.uint8) for _ in range(batch)]
+
+
+def _fresh_samples(model: nn.Module, batch: int, size: Tuple[int, int]) -> List:
+    """Data samples with the meta information a test pipeline gives (image not rescaled)."""
+    if model.default_scope == 'mmseg':
+        from mmseg.structures import SegDataSample as Sample
+    else:
+        from mmdet.structures import DetDataSample as Sample
+    return [Sample(metainfo=dict(img_shape=size, ori_shape=size, scale_factor=(1., 1.)))
+            for _ in range(batch)]
+
+
+@contextlib.contextmanager
+def timed_post_processing(model: nn.Module) -> Iterator[List[float]]:
+    """Within the context, ``spent[0]`` (the yielded list) accumulates the seconds spent
+    in the :data:`POST_PROCESSING_METHODS` of ``model`` and its submodules (outermost
+    calls only, so nested ones do not count twice)."""
+    spent, depth, wrapped = [0.], [0], []
+    for module in model.modules():
+        for name in POST_PROCESSING_METHODS:
+            if not callable(getattr(type(module), name, None)):
+                continue
+            method = getattr(module, name)
+
+            def timed(*args, _method=method, **kwargs):
+                if depth[0]:
+                    return _method(*args, **kwargs)
+                depth[0] += 1
+                start = time.perf_counter()
+                try:
+                    return _method(*args, **kwargs)
+                finally:
+                    spent[0] += time.perf_counter() - start
+                    depth[0] -= 1
+            setattr(module, name, timed)
+            wrapped.append((module, name))
+    try:
+        yield spent
+    finally:
+        for module, name in wrapped:
+            delattr(module, name)
+
+
+def make_predict_step(model: nn.Module, batch: int, size: Tuple[int, int],
+                      dtype: torch.dtype = torch.float32) -> Callable[[], dict]:
+    """A whole inference of a config's model (``mode='predict'``). In bfloat16 as
+    ``tools/test.py --amp`` runs it on a CPU (:func:`rest_mm.cli.precision.run_network_in_amp`,
+    on a copy of ``model``): backbone, neck and heads under autocast, box decoding, NMS and
+    the rest in float32. The step returns the seconds of each of :data:`PHASES` and
+    ``detections``, the mean number of detections per image (None for a segmentor)."""
+    if getattr(model, 'default_scope', None) is None:
+        raise ValueError('--mode predict needs a config\'s whole model, not a backbone')
+    if dtype != torch.float32:
+        model = copy.deepcopy(model)
+        if run_network_in_amp(model, 'cpu') != dtype:
+            raise ValueError(f'--mode predict runs float32, or mixed precision as tools/test.py '
+                             f'--amp does on a CPU (bfloat16), not {dtype}')
+    model.eval()
+    images = _random_images(batch, size)
+
+    def step():
+        data = dict(inputs=images, data_samples=_fresh_samples(model, batch, size))
+        with torch.no_grad(), timed_post_processing(model) as post:
+            start = time.perf_counter()
+            data = model.data_preprocessor(data, False)
+            middle = time.perf_counter()
+            results = model(**data, mode='predict')
+            end = time.perf_counter()
+        kept = [len(r.pred_instances) for r in results if 'pred_instances' in r]
+        return dict(preprocess=middle - start, forward=end - middle - post[0],
+                    postprocess=post[0],
+                    detections=statistics.mean(kept) if kept else None)
+    return step
+
+
 def _tensors(outputs) -> List[torch.Tensor]:
     if isinstance(outputs, torch.Tensor):
         return [outputs]
@@ -123,9 +390,38 @@ def _tensors(outputs) -> List[torch.Tensor]:
     return flat
 
 
-def time_models(steps: Dict[str, Callable[[], None]], warmup: int, runs: int,
-                interleave: bool, log: Callable[[str], None]) -> Dict[str, List[float]]:
-    """Wall-clock seconds of each step's calls after warm-up; interleaved if asked."""
+def precision_errors(model: nn.Module, size: Tuple[int, int],
+                     dtypes: List[str]) -> Dict[str, List[float]]:
+    """Relative L2 error ``‖y − y₃₂‖ / ‖y₃₂‖`` of each output of each dtype's run against
+    float32's, on one random image, same weights, eval mode: a backbone's stage outputs,
+    a whole model's features (backbone and neck, ``extract_feat``). float32 itself: zeros.
+    """
+    generator = torch.Generator().manual_seed(1)
+    model.eval()
+    with torch.no_grad():
+        if getattr(model, 'default_scope', None) is None:
+            forward, inputs = model, torch.randn(1, 3, *size, generator=generator)
+        else:
+            image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator)
+            data = dict(inputs=[image], data_samples=_fresh_samples(model, 1, size))
+            forward, inputs = model.extract_feat, model.data_preprocessor(data, False)['inputs']
+        exact = [o.float() for o in _tensors(forward(inputs))]
+        errors = {}
+        for name in dtypes:
+            if DTYPES[name] == torch.float32:
+                errors[name] = [0.] * len(exact)
+                continue
+            with precision(DTYPES[name]):
+                outputs = _tensors(forward(inputs))
+            errors[name] = [((o.float() - e).norm() / e.norm()).item()
+                            for o, e in zip(outputs, exact)]
+    return errors
+
+
+def time_models(steps: Dict[str, Callable[[], Optional[dict]]], warmup: int, runs: int,
+                interleave: bool, log: Callable[[str], None]) -> Dict[str, List[dict]]:
+    """Each step's calls after warm-up, interleaved if asked: per call ``total`` wall-clock
+    seconds and whatever else the step returned (its phases)."""
     times = {name: [] for name in steps}
     for name, step in steps.items():
         for i in range(warmup):
@@ -136,9 +432,9 @@ def time_models(steps: Dict[str, Callable[[], None]], warmup: int, runs: int,
     for round_names in order:
         for name in round_names:
             start = time.perf_counter()
-            steps[name]()
-            times[name].append(time.perf_counter() - start)
-            log(f'  {name}: run {len(times[name])}/{runs} {times[name][-1]:.3f} s')
+            reported = steps[name]()
+            times[name].append(dict(reported or {}, total=time.perf_counter() - start))
+            log(f'  {name}: run {len(times[name])}/{runs} {times[name][-1]["total"]:.3f} s')
     return times
 
 
@@ -165,9 +461,10 @@ def _peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def probe_memory(name: str, batch: int, size: Tuple[int, int], mode: str) -> dict:
+def probe_memory(name: str, batch: int, size: Tuple[int, int], mode: str,
+                 dtype: torch.dtype = torch.float32, checkpoint: Optional[str] = None) -> dict:
     """Peak RSS growth of one call, in this (fresh) process."""
-    step = make_step(build_model(name), batch, size, mode)
+    step = make_step(build_model(name, checkpoint)[0], batch, size, mode, dtype)
     gc.collect()
     before = _rss_bytes()
     exact = _reset_peak_rss()
@@ -175,11 +472,13 @@ def probe_memory(name: str, batch: int, size: Tuple[int, int], mode: str) -> dic
     return dict(peak_bytes=_peak_rss_bytes() - before, exact=exact)
 
 
-def measure_memory(name: str, args, size: Tuple[int, int]) -> float:
+def measure_memory(name: str, args, size: Tuple[int, int], dtype: str = 'float32',
+                   checkpoint: Optional[str] = None) -> float:
     """Peak memory growth in MiB, measured in a subprocess."""
     command = [sys.executable, '-c', 'from rest_mm.cli.benchmark import main; main()', name,
                '--probe-memory', '--size', f'{size[0]}x{size[1]}', '--batch', str(args.batch),
-               '--mode', args.mode]
+               '--mode', args.mode, '--dtype', dtype,
+               '--checkpoint', checkpoint or NO_CHECKPOINT]
     if args.threads:
         command += ['--threads', str(args.threads)]
     result = subprocess.run(command, capture_output=True, text=True, check=False)
@@ -223,16 +522,23 @@ def parse_args(argv=None):
                                      formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split('\n', 1)[1])
     parser.add_argument('models', nargs='*',
-                        help='benchmark names or config files (default with --compare: '
-                        + ' '.join(DEFAULT_COMPARISON) + ')')
+                        help='benchmark names or configs (files, or mmdet::/mmseg:: names; '
+                        'default with --compare: ' + ' '.join(DEFAULT_COMPARISON) + ')')
     parser.add_argument('--size', type=parse_size, nargs='+', default=[(800, 1344)],
                         help='input sizes HxW (default 800x1344)')
     parser.add_argument('--batch', type=int, default=1)
-    parser.add_argument('--mode', choices=('forward', 'train'), default='forward',
-                        help='inference, or a training step (forward + backward)')
+    parser.add_argument('--mode', choices=('forward', 'train', 'predict'), default='forward',
+                        help='inference, a training step (forward + backward), or a '
+                        'config\'s whole inference: pre-processing, forward, post-processing')
+    parser.add_argument('--dtype', nargs='+', choices=list(DTYPES), default=['float32'],
+                        help='float32 and/or CPU autocast dtypes, timed side by side on the '
+                        'same weights, with the output error against float32 (default float32)')
+    parser.add_argument('--checkpoint', nargs='+', metavar='CKPT',
+                        help='weights, one per model in the order given ("none": random); '
+                        'for our presets and configs (a checkpoint trained with the config)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--runs', type=int, default=5)
-    parser.add_argument('--threads', type=int, default=None,
+    parser.add_argument('--threads', type=positive_int, default=None,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument('--compare', action='store_true',
                         help='interleave the models\' runs in one process and print ratios')
@@ -247,16 +553,85 @@ def parse_args(argv=None):
         args.models = list(DEFAULT_COMPARISON)
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         parser.error('--batch and --runs must be at least 1, --warmup at least 0')
+    for what, values in (('model', args.models), ('dtype', args.dtype)):
+        twice = sorted({v for v in values if values.count(v) > 1})
+        if twice:
+            parser.error(f'{what} {", ".join(twice)} named more than once')
+    configs = {}
     for name in args.models:
-        if not name.endswith('.py') and name not in known_names():
-            parser.error(f'unknown model {name!r}: give a config file (.py) or one of '
+        if is_config(name):
+            try:
+                configs[name] = resolve_config(name)
+            except (FileNotFoundError, ValueError) as error:
+                parser.error(str(error))
+        elif name not in known_names():
+            parser.error(f'unknown model {name!r}: give a config (a .py file, or mmdet::/'
+                         f'mmseg:: and its path in the library\'s configs) or one of '
                          f'{", ".join(known_names())}')
+        elif args.mode == 'predict':
+            parser.error(f'--mode predict times a config\'s whole inference; {name!r} is a '
+                         f'backbone (use --mode forward)')
+    if args.mode == 'predict' and 'float16' in args.dtype:
+        parser.error('--mode predict runs float32 and bfloat16 (mixed precision as tools/test.py '
+                     '--amp runs it on a CPU); float16 only with --mode forward or train')
+    args.checkpoints = _checkpoints(parser, args)
     try:
-        refuse_output_over_inputs(args.plot, {f'config {name}': name for name in args.models
-                                              if name.endswith('.py')}, '--plot')
+        refuse_output_over_inputs(
+            args.plot, {**{f'config {name}': path for name, path in configs.items()},
+                        **{f'checkpoint {c}': c for c in args.checkpoints if c}}, '--plot')
     except ValueError as error:
         parser.error(str(error))
+    if args.plot:
+        _check_writable(parser, args.plot)
     return args
+
+
+def _checkpoints(parser: argparse.ArgumentParser, args) -> List[Optional[str]]:
+    """``--checkpoint`` as one entry per model, None for random weights."""
+    if args.checkpoint is None:
+        return [None] * len(args.models)
+    if len(args.checkpoint) != len(args.models):
+        parser.error(f'--checkpoint takes one value per model ({len(args.models)}, in order; '
+                     f'"{NO_CHECKPOINT}" for random weights), got {len(args.checkpoint)}')
+    checkpoints = []
+    for name, checkpoint in zip(args.models, args.checkpoint):
+        if checkpoint == NO_CHECKPOINT:
+            checkpoints.append(None)
+            continue
+        if not (is_config(name) or name in PRESET_NAMES):
+            parser.error(f'--checkpoint {checkpoint} for {name}: weights load into our presets '
+                         f'and configs only; give "{NO_CHECKPOINT}" for {name}')
+        if not Path(checkpoint).is_file():
+            parser.error(f'checkpoint {checkpoint!r} does not exist')
+        checkpoints.append(checkpoint)
+    return checkpoints
+
+
+def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
+    """Refuse, before any timing, an output that cannot be written."""
+    folder = Path(path).resolve().parent
+    try:  # its kind, and a real file created: the permissions alone do not tell (root, /sys)
+        check_output_path(path, 'file', option='--plot')
+    except OutputError as error:
+        parser.error(str(error))
+    if not folder.is_dir():
+        parser.error(f'--plot {path}: the folder {folder} does not exist')
+    if Path(path).exists() and not os.access(path, os.W_OK):
+        parser.error(f'--plot {path}: not writable')
+    if importlib.util.find_spec('matplotlib') is None:
+        parser.error('--plot needs matplotlib (pip install matplotlib)')
+
+
+def _cpu_model_name() -> str:
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    return line.split(':', 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+    return platform.processor() or 'unknown CPU'
 
 
 def main(argv=None):
@@ -264,7 +639,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.probe_memory:
-        print(json.dumps(probe_memory(args.models[0], args.batch, args.size[0], args.mode)))
+        print(json.dumps(probe_memory(args.models[0], args.batch, args.size[0], args.mode,
+                                      DTYPES[args.dtype[0]], args.checkpoints[0])))
         return
 
     def log(message):
@@ -273,10 +649,23 @@ def main(argv=None):
     print(f'# torch {torch.__version__}, {torch.get_num_threads()} threads, mode {args.mode}, '
           f'batch {args.batch}, median of {args.runs} runs after {args.warmup} warm-up'
           + (', interleaved' if args.compare else ''))
-    models = {}
+    if args.dtype != ['float32']:
+        print(f'# CPU {_cpu_model_name()}; {cpu_bf16_note()}')
+    if 'float16' in args.dtype:
+        print('# float16 on a CPU: its error is that of CUDA mixed precision (--amp); its '
+              'speed here means little')
+    models, checkpoints = {}, dict(zip(args.models, args.checkpoints))
     for i, name in enumerate(args.models):
         log(f'[{i + 1}/{len(args.models)}] building {name}')
-        models[name] = build_model(name)
+        models[name], weights = build_model(name, checkpoints[name])
+        if is_config(name) or checkpoints[name]:
+            print(f'# {name}: {weights}')
+    if args.mode == 'predict' and None in args.checkpoints:
+        print('# random weights: post-processing handles scores no trained model gives (how '
+              'many boxes pass the score threshold sets its time); its time is not '
+              'representative, see detections/image')
+    runs = {(name, dtype): f'{name} {dtype}' if len(args.dtype) > 1 else name
+            for name in models for dtype in args.dtype}
     latency = {}
     for size in args.size:
         log(f'size {size[0]}x{size[1]}')
@@ -286,16 +675,25 @@ def main(argv=None):
                 exact, single = straightforward_difference(models[stripped], models[name], size)
                 print(f'{stripped} vs {name} on the same weights: max |difference| '
                       f'{exact:.1e} in float64, {single:.1e} in float32')
-        steps = {name: make_step(model, args.batch, size, args.mode)
-                 for name, model in models.items()}
+        errors = {}
+        if args.dtype != ['float32']:
+            for name, model in models.items():
+                log(f'  output error against float32: {name}')
+                errors[name] = precision_errors(model, size, args.dtype)
+        steps = {label: make_step(models[name], args.batch, size, args.mode, DTYPES[dtype])
+                 for (name, dtype), label in runs.items()}
         times = time_models(steps, args.warmup, args.runs, args.compare, log)
         memory = {}
         if args.memory:
-            for name in models:
-                log(f'  memory probe {name}')
-                memory[name] = measure_memory(name, args, size)
-        latency[size] = {name: statistics.median(t) for name, t in times.items()}
-        print_table(size, args, latency[size], memory)
+            for (name, dtype), label in runs.items():
+                log(f'  memory probe {label}')
+                memory[label] = measure_memory(name, args, size, dtype, checkpoints[name])
+        latency[size] = {label: statistics.median(t['total'] for t in times[label])
+                         for label in times}
+        if args.dtype == ['float32'] and args.mode != 'predict':
+            print_table(size, args, latency[size], memory)
+        else:
+            print_precision_table(size, args, runs, times, errors, memory)
     if args.plot:
         plot(latency, args.plot, args.mode)
         print(f'plot written to {args.plot}')
@@ -322,6 +720,55 @@ def print_table(size, args, latency: Dict[str, float], memory: Dict[str, float])
             print(line)
 
 
+def print_precision_table(size, args, runs: Dict[Tuple[str, str], str],
+                          times: Dict[str, List[dict]], errors: Dict[str, Dict[str, List[float]]],
+                          memory: Dict[str, float]):
+    """The table of ``--mode predict`` or of several dtypes: a row per model and dtype,
+    times (per phase for ``predict``), ratios, worst output error against float32, and
+    the errors of every output below it."""
+    def median(label, key):
+        return statistics.median(t[key] for t in times[label])
+
+    predict = args.mode == 'predict'
+    against_float32 = 'float32' in args.dtype and len(args.dtype) > 1
+    shape = f'@{size[0]}x{size[1]} ×{args.batch}'
+    columns = ['model', 'dtype']
+    columns += ([f'{p} s' for p in ('pre-processing', 'forward', 'post-processing')]
+                + [f'total s {shape}'] if predict else [f'{args.mode} s {shape}'])
+    columns += ['images/s'] + ['× first'] * args.compare + ['× float32'] * against_float32
+    columns += ['worst rel. L2 vs float32'] * bool(errors) + ['detections/image'] * predict
+    columns += ['peak MiB'] * bool(memory)
+    print('| ' + ' | '.join(columns) + ' |')
+    print('|' + '---|' * len(columns))
+    first = median(next(iter(runs.values())), 'total')
+    for (name, dtype), label in runs.items():
+        total = median(label, 'total')
+        cells = [name, dtype]
+        if predict:
+            cells += [f'{median(label, phase):.3f}' for phase in PHASES]
+        cells += [f'{total:.3f}', f'{args.batch / total:.2f}']
+        if args.compare:
+            cells.append(f'{total / first:.2f}')
+        if against_float32:
+            cells.append(f'{total / median(runs[name, "float32"], "total"):.2f}')
+        if errors:
+            cells.append('—' if dtype == 'float32' else f'{max(errors[name][dtype]):.1e}')
+        if predict:
+            kept = times[label][-1]['detections']
+            cells.append('—' if kept is None else f'{kept:.1f}')
+        if memory:
+            cells.append(f'{memory[label]:.0f}')
+        print('| ' + ' | '.join(cells) + ' |')
+    if predict:
+        print('(pre-processing: data_preprocessor; forward: backbone, neck, heads; '
+              'post-processing: predict_by_feat and result packing; see --help)')
+    for (name, dtype), label in runs.items():
+        if errors and dtype != 'float32':
+            what = 'feature level' if is_config(name) else 'stage'
+            print(f'{name} {dtype}: relative L2 error against float32 per {what}: '
+                  + ' '.join(f'{e:.1e}' for e in errors[name][dtype]))
+
+
 def plot(latency: Dict[Tuple[int, int], Dict[str, float]], path: str, mode: str):
     import matplotlib
     matplotlib.use('Agg')
@@ -337,7 +784,8 @@ def plot(latency: Dict[Tuple[int, int], Dict[str, float]], path: str, mode: str)
     axes.grid(alpha=.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    figure.savefig(path, dpi=120)
+    with atomic_output(path) as temporary:  # a full disk leaves a previous plot as it was
+        figure.savefig(temporary, dpi=120)  # the format from the name's extension
     plt.close(figure)
 
 

@@ -6,8 +6,9 @@ and count backbones (:func:`build_ours`) and whole models (:func:`build_config_m
 :func:`data_samples`). Preset names are those of :data:`rest_mm.presets.PRESET_NAMES`.
 """
 import argparse
+import math
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import List, Optional, Tuple, Union
 
 from mmengine.config import Config
 from torch import nn
@@ -23,13 +24,13 @@ def build_ours(name: str) -> nn.Module:
     return BACKBONES[model_name](arch=arch)
 
 
-def build_config_model(path: str) -> nn.Module:
-    """The whole model of the mmdet or mmseg config at ``path``, with its library's default
-    scope set and noted as ``model.default_scope``."""
+def build_config_model(path: Union[str, Config]) -> nn.Module:
+    """The whole model of the mmdet or mmseg config at ``path`` (or already loaded), with
+    its library's default scope set and noted as ``model.default_scope``."""
     from mmengine.registry import init_default_scope
 
     import rest_mm  # noqa: F401 (registers the backbones)
-    cfg = Config.fromfile(path)
+    cfg = path if isinstance(path, Config) else Config.fromfile(path)
     scope = cfg.get('default_scope', 'mmdet')
     init_default_scope(scope)
     if scope == 'mmseg':
@@ -65,6 +66,28 @@ def parse_size(text: str) -> Tuple[int, int]:
     if height < 1 or width < 1:
         raise argparse.ArgumentTypeError(f'size {text!r} must be positive')
     return height, width
+
+
+def positive_int(text: str) -> int:
+    """A whole number of at least 1, for argparse's ``type``."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a whole number')
+    if value < 1:
+        raise argparse.ArgumentTypeError(f'{text} must be at least 1')
+    return value
+
+
+def positive_float(text: str) -> float:
+    """A finite number above 0, for argparse's ``type``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f'{text!r} is not a number')
+    if not (0 < value < math.inf):  # also refuses NaN
+        raise argparse.ArgumentTypeError(f'{text} must be a finite number above 0')
+    return value
 
 
 def backbone_config(config_or_arch: str) -> Tuple[dict, str]:

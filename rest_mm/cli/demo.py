@@ -20,7 +20,9 @@ from rich.progress import track
 # Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
 from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 LIBRARIES = ('mmdet', 'mmseg')
@@ -36,6 +38,10 @@ def parse_args(argv=None):
     parser.add_argument('--out-dir', required=True, help='folder for the drawn pictures')
     parser.add_argument('--device', default=None,
                         help='e.g. cpu, cuda, cuda:1 (default: cuda if available, else cpu)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: the model runs under autocast, bfloat16 on a CPU '
+                        '(fast only where it has amx_bf16 or avx512_bf16; the tool says '
+                        'which), float16 on CUDA')
     parser.add_argument('--score-thr', type=float, default=0.3,
                         help='detection: lowest score drawn and counted (default 0.3)')
     parser.add_argument('--opacity', type=float, default=0.5,
@@ -176,7 +182,8 @@ def main(argv=None):
             args.out_dir, {'input folder' if Path(args.inputs).is_dir() else 'input image':
                            args.inputs, 'config': args.config, 'checkpoint': args.checkpoint},
             '--out-dir', written=[glob.escape(image.name) for image in images])
-    except ValueError as error:
+        check_output_path(args.out_dir, 'dir', option='--out-dir')
+    except (ValueError, OutputError) as error:
         raise SystemExit(str(error))
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
@@ -187,6 +194,15 @@ def main(argv=None):
               'pipeline runs, not what the model predicts. Nothing is downloaded.')
     inferencer = build_inferencer(cfg, library, args.checkpoint, device)
     classes = inferencer.model.dataset_meta['classes']
+    if args.amp:
+        device_type = torch.device(device).type
+        try:
+            dtype = run_network_in_amp(inferencer.model, device_type)
+        except ValueError as error:
+            raise SystemExit(f'--amp: {error}')
+        print(f'--amp: the network runs in {dtype} autocast on {device_type}')
+        if device_type == 'cpu':
+            print(cpu_bf16_note())
 
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -205,7 +221,11 @@ def main(argv=None):
             failed.append(image.name)
             continue
         out_file = out_dir / image.name
-        mmcv.imwrite(drawn[..., ::-1], str(out_file))  # visualisers return RGB
+        try:  # whole pictures or none: a full disk stops the run, leaving no empty file
+            with atomic_output(str(out_file)) as temporary:
+                mmcv.imwrite(drawn[..., ::-1], temporary)  # visualisers return RGB
+        except OutputError as error:
+            raise SystemExit(f'{error} (the pictures before {image.name} are complete)')
         print(f'{image.name}: {summarise(library, prediction, classes, args.score_thr)} '
               f'-> {out_file}')
     if failed:

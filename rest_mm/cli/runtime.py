@@ -3,7 +3,7 @@ loading, adaptation to a machine without CUDA, a logger hook that writes the tes
 from rank 0 only, input checks before anything is built, the rule that no tool writes over
 what it reads, and clean-up after a run that failed to start. README, "Train, test,
 distributed", says why each is needed. Importing it registers ``RankZeroLoggerHook`` in
-mmengine's HOOKS.
+mmengine's HOOKS and ``CPUAmpOptimWrapper`` (``--amp`` on a CPU) in its OPTIM_WRAPPERS.
 """
 import argparse
 import fnmatch
@@ -20,7 +20,11 @@ from mmengine.config import Config, ConfigDict, DictAction
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import print_log
-from mmengine.registry import HOOKS
+from mmengine.optim import OptimWrapper
+from mmengine.registry import HOOKS, OPTIM_WRAPPERS
+
+from rest_mm.cli.checkpoint_hook import use_atomic_checkpoints
+from rest_mm.cli.precision import amp_dtype, cpu_bf16_note
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
 _TOY_DATA_HINT = 'generate it with `python tools/make_toy_data.py` (or `make demo`)'
@@ -35,6 +39,15 @@ _DATA_HINTS = {
 # ---------------------------------------------------------------------------------------
 # The command line train and test share.
 # ---------------------------------------------------------------------------------------
+def model_key_prefix(text: str) -> str:
+    """An ``--allow-missing`` prefix, for argparse's ``type``: every key starts with an empty
+    (or blank) prefix, so it would accept any checkpoint, another model's included."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f'{text!r} is no model key prefix: give the start of '
+                                         f'the keys allowed to be missing, e.g. roi_head.')
+    return text
+
+
 def add_runner_arguments(parser: argparse.ArgumentParser, purpose: str, work_dir_holds: str,
                          loading: str, example_prefix: str, example_options: str) -> None:
     """Add the config (first positional argument), ``--work-dir``, ``--allow-missing``,
@@ -53,6 +66,7 @@ def add_runner_arguments(parser: argparse.ArgumentParser, purpose: str, work_dir
     parser.add_argument('--work-dir', help=f'the dir to save {work_dir_holds} '
                         '(default: work_dirs/<config name>)')
     parser.add_argument('--allow-missing', nargs='+', default=[], metavar='PREFIX',
+                        type=model_key_prefix,
                         help=f'{loading} partially: model keys under these prefixes (e.g. '
                         f'{example_prefix}) may be absent from the checkpoint or mis-shaped '
                         'and keep their initialisation; checkpoint keys under them are ignored')
@@ -95,13 +109,15 @@ def _replace_sync_bn(node) -> int:
 def load_config(path: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
                 work_dir: Optional[str] = None) -> Config:
     """The config at ``path`` with the command line's launcher, ``--cfg-options`` and
-    ``--work-dir`` applied (default work dir: ``work_dirs/<config name>``), as
+    ``--work-dir`` applied (default work dir: ``work_dirs/<config name>``) and checkpoints
+    saved atomically (:func:`~rest_mm.cli.checkpoint_hook.use_atomic_checkpoints`), as
     ``tools/train.py`` and ``tools/test.py`` both need it."""
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
     if cfg_options is not None:
         cfg.merge_from_dict(cfg_options)
     check_scope(cfg, path)
+    use_atomic_checkpoints(cfg)  # no kill or full disk leaves the work dir without one
     if work_dir is not None:
         cfg.work_dir = work_dir
     elif cfg.get('work_dir') is None:
@@ -138,6 +154,62 @@ def adapt_config_to_device(cfg: Config, launcher: str = 'none') -> Config:
             find_unused_parameters=cfg.get('find_unused_parameters', False))
         wrapper['device_ids'] = None  # DDP of a CPU module takes no device ids
         cfg.model_wrapper_cfg = wrapper
+    return cfg
+
+
+@OPTIM_WRAPPERS.register_module()
+class CPUAmpOptimWrapper(OptimWrapper):
+    """Mixed precision on a CPU (``tools/train.py --amp`` without CUDA), where mmengine's
+    ``AmpOptimWrapper`` refuses to run: the model's forward and losses run under bfloat16
+    autocast; the backward follows the forward's dtypes; parameters, gradients and the
+    optimizer stay float32. No loss scaling: bfloat16 has float32's exponent range, so
+    gradients do not underflow as float16's do. Its checkpoints are those of
+    ``OptimWrapper`` (nothing more to save).
+
+    Args:
+        **kwargs: ``OptimWrapper``'s arguments.
+    """
+
+    dtype = amp_dtype('cpu')
+
+    @contextmanager
+    def optim_context(self, model: torch.nn.Module) -> Iterator[None]:
+        with super().optim_context(model), torch.autocast('cpu', dtype=self.dtype):
+            yield
+
+
+# What only mmengine's AmpOptimWrapper takes: its loss scaler (float16 on CUDA) and FSDP
+# variant have no use in bfloat16 on a CPU.
+_CUDA_AMP_ONLY = ('loss_scale', 'use_fsdp')
+
+
+def use_amp(cfg: Config) -> Config:
+    """Train ``cfg`` in mixed precision (``--amp``): mmengine's ``AmpOptimWrapper`` (float16
+    autocast, dynamic loss scaling) where CUDA is available, else
+    :class:`CPUAmpOptimWrapper` (bfloat16), with a line saying whether the CPU computes
+    bfloat16 natively. Changes ``cfg`` in place.
+
+    Raises:
+        ValueError: On a CPU, a config whose ``optim_wrapper.dtype`` asks for another
+            dtype than bfloat16.
+    """
+    wrapper = cfg.optim_wrapper
+    if torch.cuda.is_available():
+        wrapper.type = 'AmpOptimWrapper'
+        wrapper.setdefault('loss_scale', 'dynamic')
+        return cfg
+    if wrapper.get('dtype') not in (None, 'bfloat16', torch.bfloat16):
+        raise ValueError(f"--amp on a CPU computes in bfloat16; the config's "
+                         f"optim_wrapper.dtype={wrapper.dtype!r} asks for another. Remove it "
+                         f'(--cfg-options optim_wrapper.dtype=None) or train on CUDA')
+    dropped = [key for key in _CUDA_AMP_ONLY if key in wrapper]
+    for key in ('dtype', *dropped):
+        wrapper.pop(key, None)
+    if dropped:
+        print_log(f'--amp on a CPU: {", ".join(f"optim_wrapper.{key}" for key in dropped)} '
+                  f'dropped (CUDA float16 loss scaling; bfloat16 needs none)', logger='current')
+    wrapper.type = 'CPUAmpOptimWrapper'
+    print_log(cpu_bf16_note(), logger='current')
     return cfg
 
 

@@ -4,18 +4,22 @@ mAP, mIoU, ...).
 The checkpoint is verified and must fit the whole model before the Runner loads it
 (mmengine alone would test a partly random model after a warning); ``--allow-missing``
 loads partially, by name.
-``--out``, ``--show-dir`` and the work dir may not overwrite an input.
+``--out``, ``--show-dir`` and the work dir may not overwrite an input and are checked
+writable before the evaluation; ``--out`` is written atomically.
 """
 import argparse
 import os.path as osp
 
+import torch
 from mmengine.config import Config
+from mmengine.logging import print_log
 from mmengine.registry import RUNNERS, init_default_scope
 from mmengine.runner import Runner
 
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
-from rest_mm.cli import runtime
+from rest_mm.cli import runtime, safe_files
+from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
 from rest_mm.detectron2 import check_preprocessing
 
 
@@ -34,6 +38,10 @@ def parse_args(argv=None):
     parser.add_argument('--tta', action='store_true',
                         help="test-time augmentation: the config's tta_pipeline and tta_model "
                         '(UperNet: multi-scale + flip, as the published ADE20K mIoU)')
+    parser.add_argument('--amp', action='store_true',
+                        help='mixed precision: the model runs under autocast, bfloat16 on a CPU '
+                        '(fast only where it has amx_bf16 or avx512_bf16; the tool says '
+                        'which), float16 on CUDA; post-processing and evaluation in float32')
     args = runtime.parse_runner_arguments(parser, argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         parser.error(f'--out must name a .pkl file, got {args.out!r}')
@@ -89,6 +97,15 @@ def _tested_model(model):
     return model
 
 
+def _check_outputs(cfg: Config, args):
+    """Outputs of the right kind and writable, before the evaluation (not after it)."""
+    if args.out is not None:
+        safe_files.check_output_path(args.out, 'file', option='--out')
+    if args.show_dir and (cfg.default_scope != 'mmdet' or osp.isabs(args.show_dir)):
+        safe_files.check_output_path(args.show_dir, 'dir', option='--show-dir')
+    safe_files.check_output_path(cfg.work_dir, 'dir', option='work dir')
+
+
 def build_config(args) -> Config:
     cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
     runtime.check_checkpoint(args.checkpoint)
@@ -99,6 +116,7 @@ def build_config(args) -> Config:
         _show_predictions(cfg, args)
     runtime.check_datasets(cfg, ['test_dataloader'])
     _refuse_outputs_over_inputs(cfg, args)
+    _check_outputs(cfg, args)
     runtime.write_test_metrics_from_rank_zero(cfg)
     return runtime.adapt_config_to_device(cfg, args.launcher)
 
@@ -112,7 +130,7 @@ def main(argv=None):
         meta = checkpoint.get('meta') or {}
         if meta.get('source') == 'detectron2':  # the authors' detectors: their input format
             check_preprocessing(cfg, meta)
-    except (FileNotFoundError, ValueError, RuntimeError) as error:
+    except (FileNotFoundError, ValueError, RuntimeError, safe_files.OutputError) as error:
         raise SystemExit(f'tools/test.py: {error}')
     runtime.init_distributed(cfg, args.launcher)
     with runtime.removed_if_start_fails(cfg.work_dir, osp.basename(args.config)) as started:
@@ -129,12 +147,23 @@ def main(argv=None):
             raise SystemExit(f'tools/test.py: {error} To test a partly initialised model on '
                              f'purpose, name the parts: --allow-missing PREFIX ...')
         del checkpoint
+        if args.amp:
+            device = 'cuda' if torch.cuda.is_available() else 'cpu'
+            try:
+                dtype = run_network_in_amp(_tested_model(runner.model), device)
+            except ValueError as error:
+                raise SystemExit(f'tools/test.py: --amp: {error}')
+            print_log(f'--amp: the network runs in {dtype} autocast on {device}',
+                      logger='current')
+            if device == 'cpu':
+                print_log(cpu_bf16_note(), logger='current')
         if args.out is not None:
             if cfg.default_scope == 'mmdet':
                 from mmdet.evaluation import DumpDetResults as DumpResults
             else:
                 from mmengine.evaluator import DumpResults
-            runner.test_evaluator.metrics.append(DumpResults(out_file_path=args.out))
+            runner.test_evaluator.metrics.append(
+                safe_files.written_atomically(DumpResults(out_file_path=args.out)))
         metrics = runner.test()
     runtime.close_distributed()
     return metrics

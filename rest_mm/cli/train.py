@@ -3,10 +3,13 @@ its ``default_scope``), on the CPU where there is no CUDA.
 
 The checkpoint a run starts from (``--resume``, ``load_from``) is verified and must fit the
 whole model (``--allow-missing`` loads partially, by name); the work dir may not overwrite
-an input; a run refused at its start leaves nothing behind.
+an input, must be writable and is held by one live run at a time; checkpoints are saved
+atomically (:mod:`rest_mm.cli.checkpoint_hook`); a run refused at its start leaves nothing
+behind.
 """
 import argparse
 import os.path as osp
+import sys
 from typing import Mapping, Optional
 
 import torch
@@ -16,7 +19,7 @@ from mmengine.runner import Runner, find_latest_checkpoint
 
 from rest_mm.checkpoint import check_model_fits, read_checkpoint
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
-from rest_mm.cli import runtime
+from rest_mm.cli import runtime, safe_files
 
 # What the Runner writes directly in the work dir, besides the copy of the config.
 RUN_OUTPUTS = ('epoch_*.pth', 'iter_*.pth', 'best_*.pth', 'last_checkpoint')
@@ -32,15 +35,13 @@ def parse_args(argv=None):
         help='resume from the given checkpoint, or without a value from the latest '
         'checkpoint in the work dir (starting afresh when there is none)')
     parser.add_argument('--amp', action='store_true',
-                        help='automatic mixed precision (needs a CUDA GPU)')
+                        help='automatic mixed precision: float16 with loss scaling on CUDA, '
+                        'bfloat16 on a CPU (fast only where the CPU has amx_bf16 or '
+                        'avx512_bf16; the tool says which)')
     parser.add_argument('--auto-scale-lr', action='store_true',
                         help='scale the learning rate by the actual total batch size '
                         "over the config's auto_scale_lr.base_batch_size")
-    args = runtime.parse_runner_arguments(parser, argv)
-    if args.amp and not torch.cuda.is_available():
-        parser.error('--amp needs a CUDA GPU and none is available (torch '
-                     f'{torch.__version__}); train without --amp on the CPU')
-    return args
+    return runtime.parse_runner_arguments(parser, argv)
 
 
 def build_config(args) -> Config:
@@ -48,13 +49,13 @@ def build_config(args) -> Config:
     cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
 
     if args.amp:
-        cfg.optim_wrapper.type = 'AmpOptimWrapper'
-        cfg.optim_wrapper.setdefault('loss_scale', 'dynamic')
+        runtime.use_amp(cfg)
     if cfg.optim_wrapper.get('type') == 'AmpOptimWrapper' and not torch.cuda.is_available():
         # mmengine's AmpOptimWrapper asserts CUDA; say which setting to change instead
         raise SystemExit(f'{args.config} trains with mixed precision (AmpOptimWrapper, as the '
                          f'recipe it reproduces), which needs a CUDA GPU and none is available; '
-                         f'on the CPU add --cfg-options optim_wrapper.type=OptimWrapper')
+                         f'on the CPU pass --amp (bfloat16 autocast) or add --cfg-options '
+                         f'optim_wrapper.type=OptimWrapper (float32)')
     if args.auto_scale_lr:
         if 'base_batch_size' not in cfg.get('auto_scale_lr', {}):
             raise ValueError(f'--auto-scale-lr: {args.config} has no '
@@ -103,6 +104,12 @@ def main(argv=None):
         checkpoint = read_start_checkpoint(cfg)
     except (FileNotFoundError, ValueError, RuntimeError) as error:
         raise SystemExit(f'tools/train.py: {error}')
+    try:  # a writable work dir that no other live run holds, before anything is built
+        safe_files.check_output_path(cfg.work_dir, 'dir', option='work dir')
+        safe_files.lock_work_dir(cfg.work_dir)
+    except safe_files.OutputError as error:
+        print(f'tools/train.py: {error}', file=sys.stderr)
+        raise SystemExit(2)
     runtime.init_distributed(cfg, args.launcher)
     with runtime.removed_if_start_fails(cfg.work_dir, osp.basename(args.config)) as started:
         if 'runner_type' in cfg:  # a custom runner, registered in the config's library
