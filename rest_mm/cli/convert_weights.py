@@ -7,12 +7,12 @@ Converting the output again changes nothing; SRC is never written to, DST atomic
 """
 import argparse
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
-from rest_mm.checkpoint import read_checkpoint, suggest_arch
+from rest_mm.checkpoint import check_finite, read_checkpoint, suggest_arch
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.conversion import convert_released
 
 
@@ -20,6 +20,9 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('src', help='checkpoint to convert')
     parser.add_argument('dst', help='where to write the converted checkpoint (not SRC)')
+    parser.add_argument('--allow-non-finite', action='store_true',
+                        help='convert weights holding NaN or Inf (refused by default: a '
+                        'damaged file or a diverged run)')
     args = parser.parse_args(argv)
     src, dst = Path(args.src), Path(args.dst)
     if dst.is_dir():
@@ -31,28 +34,24 @@ def parse_args(argv=None):
     return args
 
 
-def _save_atomically(obj, dst: Path):
-    """Write to a temporary file beside ``dst`` and rename it, so a failed or interrupted
-    save never leaves a truncated checkpoint at ``dst``."""
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f'.{dst.name}.', suffix='.tmp')
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, dst)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def main(argv=None):
     args = parse_args(argv)
     try:
         weights, meta = convert_released(read_checkpoint(args.src))
+        if not args.allow_non_finite:
+            check_finite(weights, 'the converted weights', opt_out='--allow-non-finite')
     except (ValueError, RuntimeError) as error:
         raise SystemExit(f'{args.src}: {error}') from error
     meta = dict(meta, converted_from=Path(args.src).name)
-    _save_atomically({'state_dict': weights, 'meta': meta}, Path(args.dst))
+    try:  # a failed or interrupted save never leaves a truncated checkpoint at DST
+        check_output_path(args.dst, 'file', option='DST',
+                          needed_bytes=sum(t.numel() * t.element_size() for t in weights.values()
+                                           if isinstance(t, torch.Tensor)))
+        with atomic_output(args.dst, 'save the converted checkpoint to',
+                           keep_extension=False) as temporary:
+            torch.save({'state_dict': weights, 'meta': meta}, temporary)
+    except OutputError as error:
+        raise SystemExit(str(error))
     if meta['kind'] == 'backbone':
         fits = suggest_arch(weights)
     else:

@@ -19,6 +19,7 @@ from mmengine.runner import Runner
 from rest_mm.checkpoint_files import allow_mmengine_checkpoints
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
+from rest_mm.cli.safe_files import OutputError, atomic_open, check_output_path, lock_work_dir
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
 REPO = Path(__file__).resolve().parents[2]
@@ -56,6 +57,11 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
     allow_mmengine_checkpoints()
+    try:  # before any work: a writable work dir that no other live run holds
+        check_output_path(args.work_dir, 'dir', option='--work-dir')
+        lock_work_dir(args.work_dir, 'tools/main_job.py')
+    except OutputError as error:
+        raise SystemExit(str(error))
 
     _banner(f'1/4 toy data under {args.data_root}/')
     data = generate_toy_datasets(args.data_root, ToyDataSpec())
@@ -103,7 +109,7 @@ def main(argv=None) -> dict:
                    trained={k: trained[k] for k in METRICS},
                    minutes=round((time.time() - started) / 60, 1),
                    checkpoint=checkpoint, pictures=pictures)
-    with open(osp.join(args.work_dir, 'results.json'), 'w') as f:
+    with atomic_open(osp.join(args.work_dir, 'results.json')) as f:
         json.dump(results, f, indent=1)
     _banner('result: RetinaNet-ResT-Small on the toy shapes (val, COCO metric)')
     for key in METRICS:

@@ -5,6 +5,7 @@ Up-to-date data (same arguments) is left alone unless ``--force`` is given.
 import argparse
 from dataclasses import fields
 
+from rest_mm.cli.safe_files import OutputError, check_output_path
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
 
@@ -25,7 +26,8 @@ def main(argv=None):
     args = parse_args(argv)
     try:
         spec = ToyDataSpec(**{f.name: getattr(args, f.name) for f in fields(ToyDataSpec)})
-    except ValueError as error:
+        check_output_path(args.out_dir, 'dir', option='--out-dir')
+    except (ValueError, OutputError) as error:
         raise SystemExit(f'make_toy_data: {error}')
     result = generate_toy_datasets(args.out_dir, spec, force=args.force)
     state = 'generated' if result['generated'] == 'yes' else 'already up to date'

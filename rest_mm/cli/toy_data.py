@@ -30,6 +30,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 from PIL import Image, ImageDraw
 
+from rest_mm.cli.safe_files import atomic_open
+
 CLASSES = ('rectangle', 'ellipse', 'triangle')
 SEG_CLASSES = ('background', ) + CLASSES
 # Hue centres in degrees (red, green, blue) and how far a shape's hue may stray.
@@ -219,8 +221,9 @@ def generate_toy_datasets(data_root: str = 'data', spec: ToyDataSpec = ToyDataSp
     for coco_split, ade_split, count in (('train', 'training', spec.num_train),
                                          ('val', 'validation', spec.num_val)):
         coco = _write_split(spec, count, rng, coco_root, coco_split, ade_root, ade_split)
-        with open(osp.join(coco_root, 'annotations', f'instances_{coco_split}.json'), 'w') as f:
+        with atomic_open(osp.join(coco_root, 'annotations', f'instances_{coco_split}.json')
+                         ) as f:
             json.dump(coco, f)
-    with open(manifest, 'w') as f:
+    with atomic_open(manifest) as f:  # last, and whole: it marks the data complete
         json.dump(asdict(spec), f, indent=1)
     return dict(paths, generated='yes')

@@ -14,8 +14,9 @@ import mmcv
 import numpy as np
 import torch
 
-from rest_mm.cli.builders import build_standalone_backbone
+from rest_mm.cli.builders import build_standalone_backbone, positive_int
 from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
 
 matplotlib.use('Agg')  # files only; no display is needed or wanted
@@ -37,7 +38,7 @@ def parse_args(argv=None):
     parser.add_argument('--out', required=True, help='the PNG file to write')
     parser.add_argument('--query', nargs=2, type=int, metavar=('X', 'Y'), default=None,
                         help='query pixel in the original image (default: its centre)')
-    parser.add_argument('--max-size', type=int, default=1024,
+    parser.add_argument('--max-size', type=positive_int, default=1024,
                         help='longer side the image is shrunk to if larger (default 1024); '
                         'the model itself takes any size')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda (default cpu)')
@@ -165,7 +166,8 @@ def draw(image: np.ndarray, stages: List[dict], query_pixel: Tuple[int, int],
             ax.set_yticks([])
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
-    fig.savefig(out_file, dpi=110)
+    with atomic_output(out_file) as temporary:
+        fig.savefig(temporary, dpi=110, format='png')
     plt.close(fig)
 
 
@@ -176,7 +178,8 @@ def main(argv=None):
     try:
         refuse_output_over_inputs(args.out, {'image': args.image, 'config': args.config_or_arch,
                                              'checkpoint': args.checkpoint}, '--out')
-    except ValueError as error:
+        check_output_path(args.out, 'file', option='--out')
+    except (ValueError, OutputError) as error:
         raise SystemExit(str(error))
     image, scale = load_image(args.image, args.max_size)
     height, width = image.shape[:2]
@@ -196,9 +199,11 @@ def main(argv=None):
         raise SystemExit(str(error))  # a wrong name, config or checkpoint: the message says which
     model.to(args.device)
     stages = inspect(model, to_input(image, args.device), query)
-    draw(image, stages, query,
-         f'{description}; input {width}×{height}; query pixel {query}',
-         args.out)
+    try:
+        draw(image, stages, query,
+             f'{description}; input {width}×{height}; query pixel {query}', args.out)
+    except OutputError as error:  # a full disk: one line, and no partial PNG
+        raise SystemExit(str(error))
     print(f'{args.out}: {description}, input {width}×{height}')
 
 
