@@ -5,7 +5,8 @@ authors' published sizes (tests/test_recipes.py checks the resolved configs agai
 authors' recipes); a user's own config that swaps a stock mmdet config's backbone for ResT
 works through ``custom_imports``; ADE20K-sized test images are segmented whole at their
 natural size; the backbone checkpoint path fails clearly when missing and loads when
-present. Inputs are tiny and SyncBN becomes BN, so all of it runs on a CPU.
+present. Inputs are tiny and SyncBN becomes BN, so all of it runs on a CPU. The published
+and counted sizes are read from the model index (configs/*/metafile.yml).
 """
 import importlib
 import re
@@ -25,33 +26,17 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
+from rest_mm.cli import model_index
 
-from testlib import CONFIG_DIR
+from testlib import CONFIG_DIR, needs_full_stack
 
-# Parameters in millions as the authors published them (COCO 80 classes, ADE20K 150; the
-# UperNet counts include the auxiliary FCN head). None: no published number.
-PUBLISHED_PARAMS = {
-    'detection/retinanet_rest_lite_coco.py': None,
-    'detection/retinanet_rest_small_coco.py': 23.4,
-    'detection/retinanet_rest_base_coco.py': 40.5,
-    'detection/retinanet_rest_large_coco.py': None,
-    'detection/mask_rcnn_rest_lite_coco.py': None,
-    'detection/mask_rcnn_rest_small_coco.py': 33.3,
-    'detection/mask_rcnn_rest_base_coco.py': 49.8,
-    'detection/mask_rcnn_rest_large_coco.py': None,
-    'detection/mask_rcnn_restv2_tiny_3x_coco.py': 49.9,
-    'detection/mask_rcnn_restv2_small_3x_coco.py': 60.7,
-    'detection/mask_rcnn_restv2_base_3x_coco.py': 75.5,
-    'detection/retinanet_restv2_tiny_3x_coco.py': None,
-    'segmentation/upernet_restv2_tiny_ade20k.py': 62.1,
-    'segmentation/upernet_restv2_small_ade20k.py': 72.9,
-    'segmentation/upernet_restv2_base_ade20k.py': 87.6,
-    'segmentation/upernet_restv2_tiny_ade20k_align32.py': 62.1,
-    'segmentation/upernet_restv2_small_ade20k_align32.py': 72.9,
-    'segmentation/upernet_restv2_base_ade20k_align32.py': 87.6,
-    'segmentation/upernet_rest_small_ade20k.py': None,
-    'segmentation/upernet_rest_base_ade20k.py': None,
-}
+pytestmark = needs_full_stack
+
+# The model index (configs/*/metafile.yml) holds every config's parameter count, ours and,
+# where there is one, the authors' published one (COCO 80 classes, ADE20K 150; the UperNet
+# counts include the auxiliary FCN head).
+MODELS = {m['Config'][len('configs/'):]: m for m in model_index.models()}
+PUBLISHED_PARAMS = {name: model_index.parameters(m, published=True) for name, m in MODELS.items()}
 CONFIGS = sorted(PUBLISHED_PARAMS)
 NORM_TYPES = (nn.LayerNorm, _BatchNorm, nn.GroupNorm)
 
@@ -173,11 +158,22 @@ def test_config_builds_trains_a_step_and_predicts(name):
             assert instances.masks.shape == (len(instances), *prediction.ori_shape)
 
 
+def _counted_millions(name: str) -> float:
+    model = build_model(load_config(name), device='meta')
+    return sum(p.numel() for p in model.parameters()) / 1e6
+
+
 @pytest.mark.parametrize('name', [n for n in CONFIGS if PUBLISHED_PARAMS[n] is not None])
 def test_published_parameter_count(name):
-    model = build_model(load_config(name), device='meta')
-    millions = sum(p.numel() for p in model.parameters()) / 1e6
+    millions = _counted_millions(name)
     assert abs(millions - PUBLISHED_PARAMS[name]) < 0.05, f'{millions:.3f} M'
+
+
+@pytest.mark.parametrize('name', CONFIGS)
+def test_metafile_parameter_count_is_the_configs(name):
+    """The count the metafile (and the pages generated from it) states, to its 0.01 M."""
+    millions = _counted_millions(name)
+    assert abs(millions - model_index.parameters(MODELS[name])) <= 0.005, f'{millions:.3f} M'
 
 
 @pytest.mark.slow

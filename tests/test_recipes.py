@@ -1,318 +1,49 @@
 """The authors' recipes, item by item, against our configs.
 
-``RECIPE`` is the one place the recipe facts are written: each row names an item, the
-configs it concerns, the key of the resolved config that carries it, the authors' value
-(read from their detectron2 yaml files, backbone builders and train_net.py, their mmseg 0.x
-configs, and detectron2's defaults for what they leave unset) and, where this repo keeps
-something else, our value and why. The tests check every config's resolved values against
-the table, the README's "Configs" table against the same rows, and the behaviour behind the
+``configs/recipes.yml`` is the one place the recipe facts are written (its header says what
+a row holds): each row names an item, the configs it concerns, the key of the resolved
+config that carries it, the authors' value and, where this repo keeps something else, our
+value and why. The tests check every config's resolved values against the rows, that the
+rows cover every config and that docs/recipes.md shows them, and the behaviour behind the
 values that need it (which parameters get weight decay, the learning-rate curves, the
 authors' test-time resize, ``tools/test.py --tta``).
 """
 import re
 import warnings
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import List
 
 import numpy as np
 import pytest
 import torch
+import yaml
 from mmengine.config import Config
 from mmengine.registry import DefaultScope
 
 import rest_mm  # noqa: F401  (the configs import it too, through custom_imports)
+from rest_mm.cli.make_docs import RECIPES, recipe_table
 
-from testlib import CONFIG_DIR, REPO
+from testlib import CONFIG_DIR, REPO, needs_full_stack
 
-RETINANET_V1 = [f'detection/retinanet_rest_{a}_coco.py' for a in ('lite', 'small', 'base', 'large')]
-MASK_RCNN_V1 = [f'detection/mask_rcnn_rest_{a}_coco.py' for a in ('lite', 'small', 'base', 'large')]
-MASK_RCNN_V2 = [f'detection/mask_rcnn_restv2_{a}_3x_coco.py' for a in ('tiny', 'small', 'base')]
-RETINANET_V2 = ['detection/retinanet_restv2_tiny_3x_coco.py']
-RETINANET = RETINANET_V1 + RETINANET_V2
-MASK_RCNN = MASK_RCNN_V1 + MASK_RCNN_V2
-DETECTION_V1 = RETINANET_V1 + MASK_RCNN_V1
-DETECTION_V2 = MASK_RCNN_V2 + RETINANET_V2
-DETECTION = DETECTION_V1 + DETECTION_V2
+pytestmark = needs_full_stack
+
+
+def _recipe() -> List[dict]:
+    """The rows of configs/recipes.yml, each with ``paths``: its configs, groups expanded."""
+    recipes = yaml.safe_load((REPO / RECIPES).read_text())
+    groups = recipes['groups']
+    rows = []
+    for row in recipes['rows']:
+        unknown = [c for c in row['configs'] if '/' not in c and c not in groups]
+        assert not unknown, f'{row["item"]}: no group named {unknown} in {RECIPES}'
+        paths = [p for c in row['configs'] for p in (groups[c] if c in groups else [c])]
+        rows.append(dict(row, paths=paths))
+    return rows
+
+
+RECIPE = _recipe()
 UPERNET = {a: f'segmentation/upernet_restv2_{a}_ade20k.py' for a in ('tiny', 'small', 'base')}
 UPERNET_ALIGN32 = {a: f'segmentation/upernet_restv2_{a}_ade20k_align32.py' for a in UPERNET}
-UPERNET_ALL = list(UPERNET.values()) + list(UPERNET_ALIGN32.values())
-
-
-def _both(arch: str) -> list:
-    return [UPERNET[arch], UPERNET_ALIGN32[arch]]
-
-
-SAME = object()  # this repo's value is the authors'
-
-
-class Item(NamedTuple):
-    """One recipe item for some configs.
-
-    ``key`` addresses the resolved config: dot-separated keys and list indices; ``name[T]``
-    is the element of list ``name`` whose ``type`` is ``T``; ``*`` maps the rest of the
-    path over a list; a last part ``{a,b}`` gathers those keys into a dict (a missing key
-    reads as None).
-    """
-    item: str
-    configs: str  # which models, in words (the README's wording)
-    paths: Sequence[str]
-    key: str
-    authors: Any
-    source: str  # where the authors' value comes from
-    ours: Any = SAME
-    why: str = ''
-
-
-D2_MEAN_BGR = [103.53, 116.28, 123.675]
-IMAGENET_RGB = dict(mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375])
-V2_OUTPUT_NORMS_DECAY = {f'backbone.norm{i}.': dict(decay_mult=1.0) for i in range(4)}
-SWIN_PARAMWISE = dict(custom_keys={'absolute_pos_embed': dict(decay_mult=0.0),
-                                   'relative_position_bias_table': dict(decay_mult=0.0),
-                                   'norm': dict(decay_mult=0.0)})
-TTA_RATIOS = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
-
-RECIPE = [
-    # --- detection: backbone and neck -------------------------------------------------
-    Item('ResT v1 output norms in the main path (the next stage consumes the normalised map)',
-         'v1 RetinaNet, Mask R-CNN', DETECTION_V1, 'model.backbone.norm_in_path', True,
-         'restv2/rest.py ResT.forward'),
-    Item('Stochastic depth', 'ResT-Lite, ResT-S', [p for p in DETECTION_V1 if 'lite' in p or
-                                                    'small' in p],
-         'model.backbone.drop_path_rate', 0.1, 'restv2/rest.py build_rest_backbone'),
-    Item('Stochastic depth', 'ResT-B, ResT-L', [p for p in DETECTION_V1 if 'base' in p or
-                                                 'large' in p],
-         'model.backbone.drop_path_rate', 0.2, 'restv2/rest.py build_rest_backbone'),
-    Item('Stochastic depth', 'ResTv2-T detectors', [p for p in DETECTION_V2 if 'tiny' in p],
-         'model.backbone.drop_path_rate', 0.1, 'restv2/restv2.py build_restv2_backbone'),
-    Item('Stochastic depth', 'ResTv2-S detector', [p for p in DETECTION_V2 if 'small' in p],
-         'model.backbone.drop_path_rate', 0.2, 'restv2/restv2.py build_restv2_backbone'),
-    Item('Stochastic depth', 'ResTv2-B detector', [p for p in DETECTION_V2 if 'base' in p],
-         'model.backbone.drop_path_rate', 0.3, 'restv2/restv2.py build_restv2_backbone'),
-    Item('Backbone stages used', 'RetinaNet', RETINANET, 'model.backbone.out_indices',
-         [1, 2, 3], 'yaml FPN.IN_FEATURES stage2-4'),
-    Item('Backbone stages used', 'Mask R-CNN', MASK_RCNN, 'model.backbone.out_indices',
-         [0, 1, 2, 3], 'yaml FPN.IN_FEATURES stage1-4'),
-    Item('P6 from stage 4\'s output, a ReLU before P7', 'RetinaNet', RETINANET,
-         'model.neck.{start_level,add_extra_convs,relu_before_extra_convs,num_outs}',
-         dict(start_level=0, add_extra_convs='on_input', relu_before_extra_convs=True,
-              num_outs=5),
-         'detectron2 LastLevelP6P7(in_feature="stage4")'),
-    # --- detection: input -------------------------------------------------------------
-    Item('Input: BGR, detectron2\'s pixel mean, std 1', 'v1 RetinaNet, Mask R-CNN',
-         DETECTION_V1, 'model.data_preprocessor.{mean,std,bgr_to_rgb}',
-         dict(mean=D2_MEAN_BGR, std=[1.0, 1.0, 1.0], bgr_to_rgb=False),
-         'detectron2 defaults (PIXEL_MEAN/STD, FORMAT BGR); the v1 yaml files set none'),
-    Item('Input: RGB, ImageNet mean and std', 'ResTv2 detectors', DETECTION_V2,
-         'model.data_preprocessor.{mean,std,bgr_to_rgb}', dict(**IMAGENET_RGB, bgr_to_rgb=True),
-         'ResTv2 yaml PIXEL_MEAN, PIXEL_STD, FORMAT RGB'),
-    Item('Batch padded to a multiple of 32', 'all detectors', DETECTION,
-         'model.data_preprocessor.pad_size_divisor', 32,
-         'detectron2 FPN size_divisibility (stride of stage 4)'),
-    Item('Images decoded with PIL', 'all detectors', DETECTION,
-         'train_dataloader.dataset.pipeline[LoadImageFromFile].imdecode_backend', 'pillow',
-         'detectron2 utils.read_image'),
-    Item('Images decoded with PIL (test)', 'all detectors', DETECTION,
-         'test_dataloader.dataset.pipeline[LoadImageFromFile].imdecode_backend', 'pillow',
-         'detectron2 utils.read_image'),
-    Item('Training pipeline order (crop before the resize)', 'Mask R-CNN', MASK_RCNN,
-         'train_dataloader.dataset.pipeline.*.type',
-         ['LoadImageFromFile', 'LoadAnnotations', 'RandomCrop', 'RandomChoiceResize',
-          'RandomFlip', 'FilterAnnotations', 'PackDetInputs'],
-         'Base-RCNN-FPN.yaml INPUT.CROP; detectron2 inserts RandomCrop first'),
-    Item('Objects the crop leaves without a box or mask are dropped, the image kept',
-         'Mask R-CNN', MASK_RCNN, 'train_dataloader.dataset.pipeline[FilterAnnotations]',
-         dict(type='FilterAnnotations', min_gt_bbox_wh=[1e-5, 1e-5], by_mask=True,
-              keep_empty=False),
-         'detectron2 utils.filter_empty_instances (box side > 1e-5, mask not empty)'),
-    Item('Training pipeline order (no crop)', 'RetinaNet', RETINANET,
-         'train_dataloader.dataset.pipeline.*.type',
-         ['LoadImageFromFile', 'LoadAnnotations', 'RandomChoiceResize', 'RandomFlip',
-          'PackDetInputs'], 'Base-RetinaNet.yaml (CROP off by default)'),
-    Item('Random relative crop 0.9 x 0.9, boxes recomputed from the masks', 'Mask R-CNN',
-         MASK_RCNN, 'train_dataloader.dataset.pipeline[RandomCrop]',
-         dict(type='RandomCrop', crop_type='relative', crop_size=[0.9, 0.9],
-              recompute_bbox=True, allow_negative_crop=True),
-         'Base-RCNN-FPN.yaml INPUT.CROP; detectron2 recomputes boxes when cropping masks and '
-         'keeps images the crop empties'),
-    Item('Training short sides (long side at most 1333), PIL bilinear', 'v1 RetinaNet, '
-         'Mask R-CNN', DETECTION_V1,
-         'train_dataloader.dataset.pipeline[RandomChoiceResize].{scales,keep_ratio,backend}',
-         dict(scales=[[1333, s] for s in (640, 672, 704, 736, 768, 800)], keep_ratio=True,
-              backend='pillow'),
-         'Base yaml MIN_SIZE_TRAIN; detectron2 MAX_SIZE_TRAIN, ResizeShortestEdge'),
-    Item('Training short sides (long side at most 1333), PIL bilinear', 'Mask R-CNN ResTv2 3x',
-         MASK_RCNN_V2,
-         'train_dataloader.dataset.pipeline[RandomChoiceResize].{scales,keep_ratio,backend}',
-         dict(scales=[[1333, s] for s in (480, 512, 534, 576, 640, 672, 704, 736, 768, 800)],
-              keep_ratio=True, backend='pillow'),
-         'ResTv2 yaml MIN_SIZE_TRAIN; detectron2 MAX_SIZE_TRAIN'),
-    Item('Training short sides (long side at most 1333), PIL bilinear', 'RetinaNet ResTv2-T 3x',
-         RETINANET_V2,
-         'train_dataloader.dataset.pipeline[RandomChoiceResize].{scales,keep_ratio,backend}',
-         dict(scales=[[1333, s] for s in (384, 512, 640, 768, 896, 1024)], keep_ratio=True,
-              backend='pillow'),
-         'retinanet_restv2_tiny_FPN_3x.yaml MIN_SIZE_TRAIN; detectron2 MAX_SIZE_TRAIN'),
-    Item('Test size: short side 800, long side at most 1333, PIL bilinear', 'all detectors',
-         DETECTION, 'test_dataloader.dataset.pipeline[Resize].{scale,keep_ratio,backend}',
-         dict(scale=[1333, 800], keep_ratio=True, backend='pillow'),
-         'detectron2 MIN/MAX_SIZE_TEST, ResizeShortestEdge'),
-    # --- detection: test-time settings (mmdet's defaults equal detectron2's) --------------
-    Item('Test: top 1000 per level, score > 0.05, NMS 0.5, 100 per image', 'RetinaNet',
-         RETINANET, 'model.test_cfg.{nms_pre,score_thr,nms,max_per_img}',
-         dict(nms_pre=1000, score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5),
-              max_per_img=100), 'detectron2 RETINANET.*_TEST, TEST.DETECTIONS_PER_IMAGE'),
-    Item('Boxes clipped to the image after NMS, not before', 'RetinaNet', RETINANET,
-         '{model.bbox_head.type,model.bbox_head.bbox_coder.clip_border}',
-         {'model.bbox_head.type': 'LateClippingRetinaHead',
-          'model.bbox_head.bbox_coder.clip_border': False},
-         'detectron2 RetinaNet.inference_single_image, detector_postprocess'),
-    Item('RPN: 2000 per level before NMS 0.7, 1000 after (training)', 'Mask R-CNN', MASK_RCNN,
-         'model.train_cfg.rpn_proposal.{nms_pre,max_per_img,nms}',
-         dict(nms_pre=2000, max_per_img=1000, nms=dict(type='nms', iou_threshold=0.7)),
-         'Base-RCNN-FPN.yaml PRE/POST_NMS_TOPK_TRAIN; detectron2 RPN.NMS_THRESH'),
-    Item('RPN: 1000 per level before NMS 0.7, 1000 after (test)', 'Mask R-CNN', MASK_RCNN,
-         'model.test_cfg.rpn.{nms_pre,max_per_img,nms}',
-         dict(nms_pre=1000, max_per_img=1000, nms=dict(type='nms', iou_threshold=0.7)),
-         'Base-RCNN-FPN.yaml PRE/POST_NMS_TOPK_TEST; detectron2 RPN.NMS_THRESH'),
-    Item('Test boxes: score > 0.05, NMS 0.5, 100 per image; masks at 0.5', 'Mask R-CNN',
-         MASK_RCNN, 'model.test_cfg.rcnn.{score_thr,nms,max_per_img,mask_thr_binary}',
-         dict(score_thr=0.05, nms=dict(type='nms', iou_threshold=0.5), max_per_img=100,
-              mask_thr_binary=0.5),
-         'detectron2 ROI_HEADS.*_TEST, TEST.DETECTIONS_PER_IMAGE, mask paste threshold'),
-    # --- detection: optimisation ------------------------------------------------------
-    Item('AdamW, lr 1e-4, weight decay 0.05', 'all detectors', DETECTION,
-         'optim_wrapper.optimizer.{type,lr,betas,weight_decay}',
-         dict(type='AdamW', lr=1e-4, betas=[0.9, 0.999], weight_decay=0.05),
-         'yaml SOLVER; train_net.py build_optimizer'),
-    Item('No weight decay on normalization layers, found by module type (BatchNorm, '
-         'LayerNorm, ...); biases decay like weights', 'v1 RetinaNet, Mask R-CNN',
-         DETECTION_V1, 'optim_wrapper.paramwise_cfg', dict(norm_decay_mult=0.0),
-         'detectron2 get_default_optimizer_params, WEIGHT_DECAY_NORM 0 (WEIGHT_DECAY_BIAS '
-         'None since detectron2 0.6; before, biases got 1e-4)'),
-    Item('No weight decay on normalization layers found by type, except the ResTv2 output '
-         'norms (the authors\' own LayerNorm class, which detectron2 does not know)',
-         'ResTv2 detectors', DETECTION_V2, 'optim_wrapper.paramwise_cfg',
-         dict(norm_decay_mult=0.0, custom_keys=V2_OUTPUT_NORMS_DECAY),
-         'detectron2 get_default_optimizer_params; restv2/restv2.py norm_i = LayerNorm '
-         '(utils) in a Sequential'),
-    Item('Gradient clipping of the whole model to L2 norm 0.01', 'Mask R-CNN', MASK_RCNN,
-         'optim_wrapper.clip_grad', dict(max_norm=0.01, norm_type=2),
-         'Base-RCNN-FPN.yaml CLIP_GRADIENTS (full_model); train_net.py'),
-    Item('No gradient clipping', 'RetinaNet', RETINANET, 'optim_wrapper.clip_grad', None,
-         'Base-RetinaNet.yaml (CLIP_GRADIENTS off by default)'),
-    Item('Mixed precision', 'ResTv2 detectors', DETECTION_V2, 'optim_wrapper.type',
-         'AmpOptimWrapper', 'ResTv2 yaml SOLVER.AMP'),
-    Item('Full precision', 'v1 RetinaNet, Mask R-CNN', DETECTION_V1, 'optim_wrapper.type',
-         'OptimWrapper', 'detectron2 SOLVER.AMP off by default'),
-    Item('16 images per iteration (2 per GPU x 8 GPUs)', 'all detectors', DETECTION,
-         '{train_dataloader.batch_size,auto_scale_lr.base_batch_size}',
-         {'train_dataloader.batch_size': 2, 'auto_scale_lr.base_batch_size': 16},
-         'yaml IMS_PER_BATCH 16'),
-    Item('90k iterations, evaluated at the end', 'v1 RetinaNet, Mask R-CNN', DETECTION_V1,
-         'train_cfg.{type,max_iters,val_interval}',
-         dict(type='IterBasedTrainLoop', max_iters=90000, val_interval=90000),
-         'Base yaml MAX_ITER; detectron2 EVAL_PERIOD 0'),
-    Item('270k iterations, evaluated every 20k', 'Mask R-CNN ResTv2 3x', MASK_RCNN_V2,
-         'train_cfg.{type,max_iters,val_interval}',
-         dict(type='IterBasedTrainLoop', max_iters=270000, val_interval=20000),
-         'ResTv2 yaml MAX_ITER, EVAL_PERIOD'),
-    Item('270k iterations, evaluated every 30k', 'RetinaNet ResTv2-T 3x', RETINANET_V2,
-         'train_cfg.{type,max_iters,val_interval}',
-         dict(type='IterBasedTrainLoop', max_iters=270000, val_interval=30000),
-         'retinanet_restv2_tiny_FPN_3x.yaml MAX_ITER, EVAL_PERIOD'),
-    Item('Warm-up: 1000 iterations, linear from 0.001', 'all detectors', DETECTION,
-         'param_scheduler.0.{type,start_factor,begin,end,by_epoch}',
-         dict(type='LinearLR', start_factor=0.001, begin=0, end=1001, by_epoch=False),
-         'detectron2 WARMUP_ITERS, WARMUP_FACTOR, WARMUP_METHOD'),
-    Item('Learning rate x0.1 at 60k and 80k', 'v1 RetinaNet, Mask R-CNN', DETECTION_V1,
-         'param_scheduler.1.{type,milestones,gamma,by_epoch}',
-         dict(type='MultiStepLR', milestones=[60000, 80000], gamma=0.1, by_epoch=False),
-         'Base yaml STEPS; detectron2 GAMMA'),
-    Item('Learning rate x0.1 at 210k and 250k', 'ResTv2 detectors 3x', DETECTION_V2,
-         'param_scheduler.1.{type,milestones,gamma,by_epoch}',
-         dict(type='MultiStepLR', milestones=[210000, 250000], gamma=0.1, by_epoch=False),
-         'ResTv2 yaml STEPS; detectron2 GAMMA'),
-    # --- segmentation ----------------------------------------------------------------
-    Item('Stochastic depth', 'UperNet ResTv2-T', _both('tiny'), 'model.backbone.drop_path_rate',
-         0.1, 'upernet_restv2_tiny_512_160k_ade20k.py'),
-    Item('Stochastic depth', 'UperNet ResTv2-S', _both('small'), 'model.backbone.drop_path_rate',
-         0.2, 'upernet_restv2_small_512_160k_ade20k.py'),
-    Item('Stochastic depth', 'UperNet ResTv2-B', _both('base'), 'model.backbone.drop_path_rate',
-         0.3, 'upernet_restv2_base_512_160k_ade20k.py'),
-    Item('UperNet head (512 channels, pool scales 1-6, dropout 0.1, SyncBN)',
-         'UperNet ResTv2', UPERNET_ALL,
-         'model.decode_head.{channels,pool_scales,dropout_ratio,norm_cfg}',
-         dict(channels=512, pool_scales=[1, 2, 3, 6], dropout_ratio=0.1,
-              norm_cfg=dict(type='SyncBN', requires_grad=True)),
-         '_base_/models/upernet_restv2.py'),
-    Item('Auxiliary FCN head on stage 3 (256 channels, loss weight 0.4)', 'UperNet ResTv2',
-         UPERNET_ALL,
-         'model.auxiliary_head.{in_index,channels,num_convs,concat_input,dropout_ratio}',
-         dict(in_index=2, channels=256, num_convs=1, concat_input=False, dropout_ratio=0.1),
-         '_base_/models/upernet_restv2.py'),
-    Item('AdamW, lr 6e-5, weight decay 0.01', 'UperNet ResTv2-T', _both('tiny'),
-         'optim_wrapper.optimizer.{type,lr,betas,weight_decay}',
-         dict(type='AdamW', lr=6e-5, betas=[0.9, 0.999], weight_decay=0.01),
-         'upernet_restv2_tiny_512_160k_ade20k.py'),
-    Item('AdamW, lr 1.5e-4, weight decay 0.05, with a `LearningRateDecayOptimizerConstructor` '
-         '(stage-wise lr decay 0.9, num_layers = the stage depths)', 'UperNet ResTv2-S, -B',
-         _both('small') + _both('base'), 'optim_wrapper.optimizer.{type,lr,betas,weight_decay}',
-         dict(type='AdamW', lr=1.5e-4, betas=[0.9, 0.999], weight_decay=0.05),
-         'upernet_restv2_{small,base}_512_160k_ade20k.py',
-         ours=dict(type='AdamW', lr=6e-5, betas=[0.9, 0.999], weight_decay=0.01),
-         why='the ResTv2-T optimizer: the constructor is in neither the authors\' repository '
-             'nor mmseg (ConvNeXt\'s adds 2 to num_layers and fails on their tuple; mmseg '
-             '1.x\'s takes ConvNeXt only), so its per-stage rates and decay rule are unknown'),
-    Item('No weight decay on parameters whose name contains \'norm\' (the stem\'s and the '
-         'heads\' BatchNorms do decay)', 'UperNet ResTv2', UPERNET_ALL,
-         'optim_wrapper.paramwise_cfg', SWIN_PARAMWISE,
-         'upernet_restv2_tiny_512_160k_ade20k.py custom_keys'),
-    Item('16 images per iteration, 512 x 512 crops', 'UperNet ResTv2', UPERNET_ALL,
-         '{train_dataloader.batch_size,crop_size}',
-         {'train_dataloader.batch_size': 2, 'crop_size': [512, 512]},
-         'configs: samples_per_gpu 2 (8 GPUs), crop_size'),
-    Item('160k iterations', 'UperNet ResTv2', UPERNET_ALL, 'train_cfg.{type,max_iters}',
-         dict(type='IterBasedTrainLoop', max_iters=160000), 'mmseg 0.x schedule_160k.py'),
-    Item('Warm-up: 1500 iterations, linear from 1e-6', 'UperNet ResTv2', UPERNET_ALL,
-         'param_scheduler.0.{type,start_factor,begin,end,by_epoch}',
-         dict(type='LinearLR', start_factor=1e-6, begin=0, end=1501, by_epoch=False),
-         'configs lr_config warmup'),
-    Item('Poly decay (power 1, to 0) over all 160k iterations, times the warm-up',
-         'UperNet ResTv2', UPERNET_ALL, 'param_scheduler.1.{type,power,eta_min,begin,end}',
-         dict(type='PolyLR', power=1.0, eta_min=0.0, begin=0, end=160001),
-         'configs lr_config poly; mmcv 1.x PolyLrUpdaterHook with warm-up'),
-    Item('Whole-image inference', 'UperNet ResTv2', UPERNET_ALL, 'model.test_cfg.mode',
-         'whole', '_base_/models/upernet_restv2.py'),
-    Item('Test resize: into (2048, 512) keeping the aspect ratio, then to multiples of 32',
-         'UperNet ResTv2', list(UPERNET.values()), 'test_dataloader.dataset.pipeline.1',
-         dict(type='AlignResize', scale=[2048, 512], size_divisor=32),
-         'tools/align_resize.py (their backbone needs multiples of 32)',
-         ours=dict(type='Resize', scale=[2048, 512], keep_ratio=True),
-         why='natural size (e.g. 512 x 683): ours takes any size; the `*_align32` configs '
-             'resize as the authors did'),
-    Item('Test resize: into (2048, 512) keeping the aspect ratio, then to multiples of 32',
-         'UperNet ResTv2 `*_align32`', list(UPERNET_ALIGN32.values()),
-         'test_dataloader.dataset.pipeline.1',
-         dict(type='AlignResize', scale=[2048, 512], size_divisor=32),
-         'tools/align_resize.py'),
-    Item('Multi-scale + flip test (`--tta`): the test scale times 0.5 ... 1.75, softmax '
-         'averaged', 'UperNet ResTv2', UPERNET_ALL,
-         '{tta_model.type,tta_pipeline.1.transforms.0.*.scale,tta_pipeline.1.transforms.1.*.prob}',
-         {'tta_model.type': 'SegTTAModel',
-          'tta_pipeline.1.transforms.0.*.scale': [[int(2048 * r), int(512 * r)]
-                                                  for r in TTA_RATIOS],
-          'tta_pipeline.1.transforms.1.*.prob': [0.0, 1.0]},
-         'README --aug-test; mmseg 0.x MultiScaleFlipAug img_ratios, EncoderDecoder.aug_test'),
-    Item('Multi-scale test resize', 'UperNet ResTv2', list(UPERNET.values()),
-         'tta_pipeline.1.transforms.0.*.type', ['AlignResize'] * len(TTA_RATIOS),
-         'tools/align_resize.py', ours=['Resize'] * len(TTA_RATIOS),
-         why='natural size, as the single-scale test; the `*_align32` configs use AlignResize'),
-    Item('Multi-scale test resize', 'UperNet ResTv2 `*_align32`', list(UPERNET_ALIGN32.values()),
-         'tta_pipeline.1.transforms.0.*.type', ['AlignResize'] * len(TTA_RATIOS),
-         'tools/align_resize.py'),
-]
-
-_MISSING = object()
 
 
 def _plain(value):
@@ -325,7 +56,7 @@ def _plain(value):
 
 
 def resolve(node, key: str):
-    """The value at ``key`` (see :class:`Item`) in a config; None where a key is missing."""
+    """The value at ``key`` (syntax: configs/recipes.yml) in a config; None if missing."""
     if key.startswith('{') and key.endswith('}') and key.count('{') == 1:
         # a dict of whole keys, e.g. {train_dataloader.batch_size,crop_size}
         return {k: resolve(node, k) for k in key[1:-1].split(',')}
@@ -350,33 +81,9 @@ def resolve(node, key: str):
     return _plain(node)
 
 
-def _value_text(value, nested: bool = False) -> str:
-    """A value for the README: ``k=v, ...`` at the top, ``{k: v}`` inside, no quotes."""
-    if isinstance(value, dict):
-        items = [f'{k}: {_value_text(v, True)}' if nested else f'{k}={_value_text(v, True)}'
-                 for k, v in value.items()]
-        return '{' + ', '.join(items) + '}' if nested else ', '.join(items)
-    if isinstance(value, list):
-        return '[' + ', '.join(_value_text(v, True) for v in value) + ']'
-    if isinstance(value, float):
-        return f'{value:g}'
-    return str(value)
-
-
-def readme_table() -> list:
-    """The README's recipe table, one line per row of RECIPE."""
-    lines = ['| recipe item | authors | this repo |', '|---|---|---|']
-    for row in RECIPE:
-        ours = ('same' if row.ours is SAME else
-                f'**differs**: {_value_text(row.ours)}; {row.why}')
-        lines.append(f'| {row.item} ({row.configs}) | `{row.key}`: {_value_text(row.authors)} '
-                     f'({row.source}) | {ours} |')
-    return lines
-
-
 def _cases():
     for index, row in enumerate(RECIPE):
-        for path in row.paths:
+        for path in row['paths']:
             yield pytest.param(index, path, id=f'{index}-{Path(path).stem}')
 
 
@@ -392,18 +99,18 @@ def load(path: str) -> Config:
 @pytest.mark.parametrize('index,path', list(_cases()))
 def test_config_follows_the_recipe(index, path):
     row = RECIPE[index]
-    expected = row.authors if row.ours is SAME else row.ours
-    assert resolve(load(path), row.key) == _plain(expected), f'{row.item}: {path}'
+    expected = row.get('ours', row['authors'])
+    assert resolve(load(path), row['key']) == _plain(expected), f'{row["item"]}: {path}'
 
 
 def test_rows_that_differ_say_why_and_rows_that_match_do_not():
     for row in RECIPE:
-        assert bool(row.why) == (row.ours is not SAME), row.item
-        assert row.ours is SAME or _plain(row.ours) != _plain(row.authors), row.item
+        assert bool(row.get('why')) == ('ours' in row), row['item']
+        assert 'ours' not in row or _plain(row['ours']) != _plain(row['authors']), row['item']
 
 
 def test_every_released_recipe_config_is_in_the_table():
-    covered = {path for row in RECIPE for path in row.paths}
+    covered = {path for row in RECIPE for path in row['paths']}
     shipped = {str(p.relative_to(CONFIG_DIR)) for sub in ('detection', 'segmentation')
                for p in (CONFIG_DIR / sub).glob('*.py')}
     # The ResT v1 UperNets have no recipe of the authors' (they released none).
@@ -412,14 +119,17 @@ def test_every_released_recipe_config_is_in_the_table():
     assert covered == shipped - without_recipe
 
 
-def test_readme_configs_section_lists_the_recipe_table():
-    readme = (REPO / 'README.md').read_text()
-    section = readme.split('\n## Configs\n', 1)[1].split('\n## ', 1)[0]
-    table = [line for line in section.splitlines() if line.startswith('| recipe item')]
-    assert table, 'README "## Configs" has no recipe table'
-    start = section.splitlines().index(table[0])
-    lines = section.splitlines()[start:start + len(RECIPE) + 2]
-    assert lines == readme_table()
+def test_docs_recipes_page_lists_the_recipe_table():
+    """(Was test_readme_configs_section_lists_the_recipe_table: the table moved from the
+    README's "Configs" to docs/recipes.md, which make docs writes.)"""
+    page = (REPO / 'docs' / 'recipes.md').read_text().splitlines()
+    table = [line for line in page if line.startswith('| recipe item')]
+    assert table, 'docs/recipes.md has no recipe table'
+    start = page.index(table[0])
+    lines = page[start:start + len(RECIPE) + 2]
+    assert lines == recipe_table()
+    assert all(line.startswith(f'| {row["item"]} ({row["models"]}) |')
+               for line, row in zip(lines[2:], RECIPE))
 
 
 # --- behaviour behind the values -------------------------------------------------------

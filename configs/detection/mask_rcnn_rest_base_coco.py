@@ -1,6 +1,6 @@
 # Mask R-CNN with a ResT-Base backbone: the ResT-Small recipe (and where to put the
 # weights) with another arch, its stochastic depth and the neck widths that go with it.
-# Published size: 49.8 M parameters.
+# Published numbers and sizes: metafile.yml.
 _base_ = ['./mask_rcnn_rest_small_coco.py']
 
 model = dict(

@@ -1,6 +1,6 @@
 # Mask R-CNN with a ResTv2-Base backbone: the ResTv2-Tiny 3x recipe (and where to put the
 # weights) with another arch and its stochastic depth.
-# Published: 48.7 box AP, 43.9 mask AP, 75.5 M parameters.
+# Published numbers and sizes: metafile.yml.
 _base_ = ['./mask_rcnn_restv2_tiny_3x_coco.py']
 
 model = dict(

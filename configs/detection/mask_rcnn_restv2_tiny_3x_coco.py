@@ -1,9 +1,9 @@
 # Mask R-CNN with a ResTv2-Tiny backbone on COCO, 3x: the authors' detectron2 recipe
 # (object_detection/configs/ResTv2/mask_rcnn_restv2_tiny_FPN_3x.yaml over Base-RCNN-FPN.yaml):
 # the ResT Mask R-CNN recipe (crop, gradient clipping, AdamW) with RGB ImageNet input,
-# short sides 480-800, 270k iterations and mixed precision. The README's "Configs" table
-# lists every item; tests/test_recipes.py checks them.
-# Published: 47.6 box AP, 43.2 mask AP, 49.9 M parameters.
+# short sides 480-800, 270k iterations and mixed precision. docs/recipes.md lists every
+# item; tests/test_recipes.py checks them.
+# Published numbers and sizes: metafile.yml.
 _base_ = ['./mask_rcnn_rest_small_coco.py']
 
 # The authors' ResTv2 ImageNet-1k weights, as downloaded or converted (see the ResT config).

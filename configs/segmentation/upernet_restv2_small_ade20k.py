@@ -1,8 +1,8 @@
 # UperNet with a ResTv2-Small backbone: the ResTv2-Tiny recipe (and where to put the
 # weights) with another arch and the authors' drop path for it, 0.2.
-# The authors' Small config also changes the optimizer (see the README's "Configs" table
-# for why that is not reproduced here).
-# Published: 49.2 mIoU (multi-scale + flip), 72.9 M parameters (auxiliary head included).
+# The authors' Small config also changes the optimizer (see docs/recipes.md for why
+# that is not reproduced here).
+# Published numbers and sizes: metafile.yml.
 _base_ = ['./upernet_restv2_tiny_ade20k.py']
 
 model = dict(

@@ -2,10 +2,10 @@
 # (semantic_segmentation/configs/ResTv2/upernet_restv2_tiny_512_160k_ade20k.py), which is
 # Swin's UperNet recipe: 512x512 crops, 160k iterations of 16 images (2 per GPU x 8 GPUs),
 # AdamW (lr 6e-5, weight decay 0.01, none on parameters whose name contains 'norm'), a
-# linear warm-up over 1500 iterations, then poly decay; drop path 0.1. The README's
-# "Configs" table lists every item; tests/test_recipes.py checks them.
-# Published: 47.3 mIoU (multi-scale + flip: `tools/test.py CONFIG CHECKPOINT --tta`),
-# 62.1 M parameters (auxiliary head included).
+# linear warm-up over 1500 iterations, then poly decay; drop path 0.1. docs/recipes.md
+# lists every item; tests/test_recipes.py checks them.
+# Published numbers (mIoU multi-scale + flip: `tools/test.py CONFIG CHECKPOINT --tta`) and
+# sizes: metafile.yml.
 _base_ = ['mmseg::swin/swin-tiny-patch4-window7-in1k-pre_upernet_8xb2-160k_ade20k-512x512.py']
 
 custom_imports = dict(imports=['rest_mm'], allow_failed_imports=False)

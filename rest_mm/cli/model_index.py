@@ -1,0 +1,84 @@
+"""The shipped configs' OpenMMLab model index, read in one place.
+
+``model-index.yml`` imports ``configs/detection/metafile.yml`` and
+``configs/segmentation/metafile.yml``; each model there names its config and holds this
+repo's parameter and FLOP counts (``Parameters``, ``FLOPs``: what ``tools/get_flops.py``
+prints), the authors' published figures where there are any (``Published Parameters``,
+``Published FLOPs``, ``Results``) and the download of their trained model (``Weights``).
+The tests, ``tools/get_flops.py`` and ``tools/make_docs.py`` read these numbers from here
+instead of restating them.
+"""
+import re
+from pathlib import Path
+from typing import List, Optional
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[2]
+INDEX = 'model-index.yml'
+
+
+def models(repo: Path = REPO) -> List[dict]:
+    """Every model of the index, in the order of the metafiles.
+
+    Args:
+        repo (Path): The repository holding ``model-index.yml``. Defaults to this checkout.
+
+    Returns:
+        list[dict]: The model entries as the metafiles write them.
+
+    Raises:
+        FileNotFoundError: The index, or a metafile it imports, does not exist (the index
+            ships with the repository, not with the installed package).
+    """
+    index_path = Path(repo) / INDEX
+    if not index_path.is_file():
+        raise FileNotFoundError(f'{index_path} does not exist: the model index is read from '
+                                f'a checkout of the repository')
+    entries = []
+    for metafile in yaml.safe_load(index_path.read_text())['Import']:
+        path = Path(repo) / metafile
+        if not path.is_file():
+            raise FileNotFoundError(f'{INDEX} imports {metafile}, which does not exist')
+        entries += yaml.safe_load(path.read_text())['Models']
+    return entries
+
+
+def _number(text, unit: str, field: str) -> float:
+    match = re.fullmatch(r'(\d+(?:\.\d+)?)' + unit, str(text))
+    if not match:
+        raise ValueError(f'{field} {text!r} is not a number followed by {unit!r} '
+                         f'(e.g. 23.4{unit})')
+    return float(match[1])
+
+
+def parameters(model: dict, published: bool = False) -> Optional[float]:
+    """A model's parameter count in millions.
+
+    Args:
+        model (dict): An entry of :func:`models`.
+        published (bool): The authors' published figure instead of this repo's count.
+            Defaults to False.
+
+    Returns:
+        float | None: Millions of parameters; None where the authors published none.
+    """
+    field = 'Published Parameters' if published else 'Parameters'
+    value = model['Metadata'].get(field)
+    return None if value is None else _number(value, 'M', f'{model["Name"]}: {field}')
+
+
+def flops(model: dict, published: bool = False) -> Optional[float]:
+    """A model's FLOPs (multiply-accumulates) in G at its standard test size.
+
+    Args:
+        model (dict): An entry of :func:`models`.
+        published (bool): The authors' published figure instead of this repo's count.
+            Defaults to False.
+
+    Returns:
+        float | None: GFLOPs; None where the authors published none.
+    """
+    field = 'Published FLOPs' if published else 'FLOPs'
+    value = model['Metadata'].get(field)
+    return None if value is None else _number(value, 'G', f'{model["Name"]}: {field}')
