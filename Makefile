@@ -16,7 +16,7 @@ TORCH_NEWEST := 2.14.1
 VENV_FLOOR := .venv-torch$(basename $(TORCH_FLOOR))
 VENV_NEWEST := .venv-torch$(basename $(TORCH_NEWEST))
 
-.PHONY: install install-library-envs lint test test-stack test-floor test-newest test-fast \
+.PHONY: install install-all install-library-envs lint test test-stack test-floor test-newest test-fast \
 	demo docs clean-venv
 
 install: $(STAMP)
@@ -38,7 +38,13 @@ install-library-envs: $(VENV_FLOOR)/.rest_mm_installed $(VENV_NEWEST)/.rest_mm_i
 lint: install
 	$(PY) -m ruff check .
 
-test: lint test-stack test-floor test-newest
+# The environments install side by side: on a fresh machine the library environments'
+# downloads (network) overlap mmcv's source build (CPU).
+install-all:
+	$(MAKE) -j3 --output-sync=target install install-library-envs
+
+test: install-all
+	$(MAKE) lint test-stack test-floor test-newest
 
 # the whole suite, slow end-to-end runs included, on the pinned stack
 test-stack: install

@@ -67,9 +67,14 @@ def unwrap_checkpoint(checkpoint: Mapping) -> Mapping:
                              f"as {{'state_dict': ...}} or {{'model': ...}}")
 
 
+def without_module_prefix(state_dict: Mapping) -> Dict[str, torch.Tensor]:
+    """``state_dict`` without the ``module.`` that a DDP-wrapped model's keys start with."""
+    return {(k[len('module.'):] if k.startswith('module.') else k): v
+            for k, v in state_dict.items()}
+
+
 def _strip_prefixes(state_dict: Mapping) -> Dict[str, torch.Tensor]:
-    stripped = {(k[len('module.'):] if k.startswith('module.') else k): v
-                for k, v in state_dict.items()}
+    stripped = without_module_prefix(state_dict)
     for prefix in _BACKBONE_PREFIXES:
         if any(k.startswith(prefix) for k in stripped):
             return {k[len(prefix):]: v for k, v in stripped.items() if k.startswith(prefix)}
@@ -389,9 +394,7 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
     from mmengine.model import is_model_wrapper
     if is_model_wrapper(model):
         model = model.module
-    state_dict = checkpoint.get('state_dict', checkpoint)
-    state_dict = {(k[len('module.'):] if k.startswith('module.') else k): v
-                  for k, v in state_dict.items()}
+    state_dict = without_module_prefix(checkpoint.get('state_dict', checkpoint))
     allowed = tuple(allow_missing)
     own = model.state_dict()
     not_tensors = [f'{k} ({type(v).__name__})' for k, v in state_dict.items()
@@ -423,3 +426,17 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
             details.append(f'{len(keys)} {title} ({shown})')
     raise RuntimeError(f'{source} does not fit the {type(model).__name__} built from the '
                        f'config: {"; ".join(details)}. Was it trained with this config?')
+
+
+def load_whole_model(model: nn.Module, path: str) -> None:
+    """Load a detector's or segmentor's checkpoint into ``model``: the file verified
+    (:func:`read_checkpoint`) and refused unless it fits the whole model
+    (:func:`check_model_fits`).
+
+    Raises:
+        FileNotFoundError: No such file.
+        RuntimeError: A damaged file, or one that does not fit, naming the keys.
+    """
+    weights = read_checkpoint(path)
+    check_model_fits(model, weights, path)
+    model.load_state_dict(without_module_prefix(weights.get('state_dict', weights)))

@@ -5,6 +5,7 @@ otherwise; a feature that an old torch really lacks raises :class:`TorchVersionE
 naming the version it needs, never an ``AttributeError`` from deep inside a model.
 """
 import inspect
+import warnings
 from typing import Any, Dict, Tuple
 
 import torch
@@ -119,6 +120,18 @@ def autocast_state(device_type: str) -> dict:
                     enabled=torch.is_autocast_enabled())
     # other devices had no autocast of their own before torch 2.4
     return dict(device_type=device_type, enabled=False)
+
+
+def cpu_autocast_supports(dtype: torch.dtype) -> bool:
+    """Whether CPU autocast computes in ``dtype``: torch 2.1's refuses float16 (it has
+    bfloat16 only), later releases have both."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter('ignore')
+            with torch.autocast('cpu', dtype=dtype):
+                return torch.mm(torch.ones(1, 1), torch.ones(1, 1)).dtype == dtype
+    except RuntimeError:
+        return False
 
 
 def onnx_export_torchscript(model: torch.nn.Module, args: tuple, f: str, **kwargs) -> None:

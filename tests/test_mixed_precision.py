@@ -1,7 +1,6 @@
 """Mixed precision: ResT v1's attention accurate under autocast (rest_mm.fused_attention,
 forward and hand-written backward, CPU bfloat16 and float16), the whole backbones against
 float64, and ``--amp`` on a CPU (rest_mm.cli.precision, rest_mm.cli.runtime)."""
-import warnings
 
 import pytest
 import torch
@@ -10,22 +9,10 @@ from rest_mm import ResT, ResTV2
 from rest_mm.cli import runtime
 from rest_mm.cli.precision import AMP_DTYPES, amp_dtype, cpu_bf16_note, run_network_in_amp
 from rest_mm.fused_attention import MixedHeadAttentionFunction, mixed_head_attention
-
-
-def _cpu_autocast_supports(dtype: torch.dtype) -> bool:
-    """Whether CPU autocast computes in ``dtype``: torch 2.1's refuses float16 (it has
-    bfloat16 only); torch 2.13's has both."""
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter('ignore')
-            with torch.autocast('cpu', dtype=dtype):
-                return torch.mm(torch.ones(1, 1), torch.ones(1, 1)).dtype == dtype
-    except RuntimeError:
-        return False
-
+from rest_mm.torch_compat import cpu_autocast_supports
 
 LOW_DTYPES = [torch.bfloat16, pytest.param(
-    torch.float16, marks=pytest.mark.skipif(not _cpu_autocast_supports(torch.float16),
+    torch.float16, marks=pytest.mark.skipif(not cpu_autocast_supports(torch.float16),
                                             reason=f'no float16 CPU autocast in torch '
                                             f'{torch.__version__}'))]
 
@@ -181,7 +168,7 @@ def test_restv2_tiny_under_autocast_for_comparison():
     with torch.no_grad():
         reference = [o.double() for o in model.double()(image.double())]
         model.float()
-        for dtype in filter(_cpu_autocast_supports, STAGE_ERROR_BOUNDS):
+        for dtype in filter(cpu_autocast_supports, STAGE_ERROR_BOUNDS):
             with torch.autocast('cpu', dtype=dtype):
                 outs = model(image)
             errors = [_relative_error(o, r) for o, r in zip(outs, reference)]

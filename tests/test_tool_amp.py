@@ -10,7 +10,9 @@ from rest_mm.cli import runtime
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
 
-from testlib import REPO, fresh_toy_data, toy_options, write_image
+from testlib import REPO, fresh_toy_data, needs_full_stack, toy_options, write_image
+
+pytestmark = needs_full_stack
 
 TOY = str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py')
 

@@ -141,6 +141,10 @@ def _tiny_inputs(cfg: Config):
     if cfg.model.get('num_queries', 0) > 50:
         # DINO picks its queries by top-k over the encoder's tokens: 85 at 64x64, not 900
         cfg.model.num_queries = 50
+        # DETR's softmax scores keep the top max_per_img of its queries
+        test_cfg = cfg.model.get('test_cfg') or {}
+        if test_cfg.get('max_per_img', 0) > 50:
+            test_cfg.max_per_img = 50
     return cfg
 
 

@@ -98,6 +98,7 @@ from rest_mm.cli.runtime import adapt_config_to_device, refuse_output_over_input
 from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
 from rest_mm.testing import straightforward
+from rest_mm.torch_compat import cpu_autocast_supports
 
 STRAIGHTFORWARD_PREFIX = 'straightforward_'
 PEERS = {
@@ -215,16 +216,12 @@ def build_whole_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.M
     if checkpoint is None:
         _initialise_quietly(model)
         return model, 'random weights (mmengine init_weights)'
-    from rest_mm.checkpoint import check_model_fits, read_checkpoint
+    from rest_mm.checkpoint import load_whole_model
     try:
-        weights = read_checkpoint(checkpoint)
-        check_model_fits(model, weights, checkpoint)
+        load_whole_model(model, checkpoint)
     except (FileNotFoundError, RuntimeError) as error:
         raise SystemExit(f'{checkpoint} does not load into the model of {name} (a checkpoint '
                          f'trained with that config is needed): {error}')
-    state_dict = weights.get('state_dict', weights)
-    model.load_state_dict({(k[len('module.'):] if k.startswith('module.') else k): v
-                           for k, v in state_dict.items()})
     return model, f'weights {checkpoint}'
 
 
@@ -574,6 +571,9 @@ def parse_args(argv=None):
     if args.mode == 'predict' and 'float16' in args.dtype:
         parser.error('--mode predict runs float32 and bfloat16 (mixed precision as tools/test.py '
                      '--amp runs it on a CPU); float16 only with --mode forward or train')
+    if 'float16' in args.dtype and not cpu_autocast_supports(torch.float16):
+        parser.error(f'--dtype float16: CPU autocast in float16 needs a newer torch than '
+                     f'{torch.__version__} (which has bfloat16 only)')
     args.checkpoints = _checkpoints(parser, args)
     try:
         refuse_output_over_inputs(
@@ -745,8 +745,9 @@ def print_precision_table(size, args, runs: Dict[Tuple[str, str], str],
         total = median(label, 'total')
         cells = [name, dtype]
         if predict:
-            cells += [f'{median(label, phase):.3f}' for phase in PHASES]
-        cells += [f'{total:.3f}', f'{args.batch / total:.2f}']
+            # significant digits: a phase of a small image can take well under a millisecond
+            cells += [f'{median(label, phase):.4g}' for phase in PHASES]
+        cells += [f'{total:.4g}' if predict else f'{total:.3f}', f'{args.batch / total:.2f}']
         if args.compare:
             cells.append(f'{total / first:.2f}')
         if against_float32:

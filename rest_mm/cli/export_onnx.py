@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rest_mm.checkpoint import check_model_fits, read_checkpoint
+from rest_mm.checkpoint import load_whole_model
 from rest_mm.cli.builders import build_standalone_backbone, positive_float
 from rest_mm.cli.runtime import refuse_output_over_inputs
 from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
@@ -140,15 +140,11 @@ def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
     if checkpoint is None:
         description += ', random weights'
     else:
-        try:  # verified, and checked against the whole segmentor
-            weights = read_checkpoint(checkpoint)
-            check_model_fits(segmentor, weights, checkpoint)
+        try:
+            load_whole_model(segmentor, checkpoint)
         except (RuntimeError, FileNotFoundError) as error:
             raise SystemExit(f'{checkpoint} does not load into the segmentor of {config} '
                              f'(a whole-segmentor checkpoint is needed): {error}')
-        state_dict = weights.get('state_dict', weights)
-        segmentor.load_state_dict({(k[len('module.'):] if k.startswith('module.') else k): v
-                                   for k, v in state_dict.items()})
         description += f', weights {Path(checkpoint).name}'
     return segmentor.eval(), description
 
