@@ -20,5 +20,7 @@ mkdir -p "$WHEELHOUSE"
 # pip download skips the files already in the wheelhouse; only metadata is fetched again
 "${PIP[@]}" download -q -d "$WHEELHOUSE" "${REQUIREMENTS[@]}"
 "${PIP[@]}" install -q --no-index --find-links "$WHEELHOUSE" "${REQUIREMENTS[@]}"
-"${PIP[@]}" install -q --no-deps --no-build-isolation -e .
+# flock: the other environments' installs (make -j3) write the same rest_mm.egg-info
+flock "${TMPDIR:-/tmp}/rest-mm-editable-install.lock" \
+  "${PIP[@]}" install -q --no-deps --no-build-isolation -e .
 "$PY" -c 'import torch, mmengine, rest_mm; print("library env ok: torch", torch.__version__, "mmengine", mmengine.__version__)'

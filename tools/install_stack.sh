@@ -40,6 +40,7 @@ fi
 
 # The rest of the stack, rest_mm itself and the test/tool extras. ftfy and regex are
 # imported by mmseg 1.2.2 without being declared.
-"${PIP[@]}" install -e '.[tests,tools]'
+# flock: the library environments' installs (make -j3) write the same rest_mm.egg-info
+flock "${TMPDIR:-/tmp}/rest-mm-editable-install.lock" "${PIP[@]}" install -e '.[tests,tools]'
 mmcv_ops_ok || { echo "mmcv ops broke after installing the stack" >&2; exit 1; }
 "$PY" -c 'import mmdet, mmseg, mmengine, rest_mm, torch; print("stack ok: torch", torch.__version__, "mmengine", mmengine.__version__, "mmdet", mmdet.__version__, "mmseg", mmseg.__version__)'
