@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from rest_mm.cli.check_device import RUNS_SLACK, ULPS
 from rest_mm.cli.toy_data import generate_toy_datasets
 
 from testlib import REFERENCE_ARCH, REFERENCE_DIR, SPEC
@@ -25,13 +26,9 @@ def reference_arch() -> dict:
     return dict(REFERENCE_ARCH)
 
 
-# Two float32 runs of one function by different kernels (another CPU, the machine that
-# wrote the reference data, another op order) each lie within about this machine's float32
-# error e32 of the exact (float64) result, so they differ by at most about 2 * e32. The
-# factor 4 on each side leaves room for kernels that round worse than this machine's; the
-# ULP term bounds outputs whose measured e32 happens to be near zero.
-FLOAT32_RUNS_SLACK = 8
-FLOAT32_ULPS = 16
+# The rounding rule of the device check, one home (rest_mm/cli/check_device.py says why)
+FLOAT32_RUNS_SLACK = RUNS_SLACK
+FLOAT32_ULPS = ULPS
 
 
 @pytest.fixture(scope='session')

@@ -52,6 +52,14 @@ def _number(text, unit: str, field: str) -> float:
     return float(match[1])
 
 
+def _metadata_number(model: dict, quantity: str, unit: str, published: bool) -> Optional[float]:
+    """``model``'s ``quantity`` (``'Parameters'``, ``'FLOPs'``) in its metafile unit, the
+    authors' published figure with ``published``; None where the metafile has none."""
+    field = f'Published {quantity}' if published else quantity
+    value = model['Metadata'].get(field)
+    return None if value is None else _number(value, unit, f'{model["Name"]}: {field}')
+
+
 def parameters(model: dict, published: bool = False) -> Optional[float]:
     """A model's parameter count in millions.
 
@@ -63,9 +71,7 @@ def parameters(model: dict, published: bool = False) -> Optional[float]:
     Returns:
         float | None: Millions of parameters; None where the authors published none.
     """
-    field = 'Published Parameters' if published else 'Parameters'
-    value = model['Metadata'].get(field)
-    return None if value is None else _number(value, 'M', f'{model["Name"]}: {field}')
+    return _metadata_number(model, 'Parameters', 'M', published)
 
 
 def flops(model: dict, published: bool = False) -> Optional[float]:
@@ -79,6 +85,4 @@ def flops(model: dict, published: bool = False) -> Optional[float]:
     Returns:
         float | None: GFLOPs; None where the authors published none.
     """
-    field = 'Published FLOPs' if published else 'FLOPs'
-    value = model['Metadata'].get(field)
-    return None if value is None else _number(value, 'G', f'{model["Name"]}: {field}')
+    return _metadata_number(model, 'FLOPs', 'G', published)
