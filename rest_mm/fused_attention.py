@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from .torch_compat import autocast_state
+from .torch_compat import autocast_state, is_tracing
 
 
 def _row_blocks(x: torch.Tensor, rows: int) -> Sequence[torch.Tensor]:
@@ -51,6 +51,47 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return x.softmax(dim=-1)
 
 
+def _overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor) -> bool:
+    """Whether the attention may compute in place: full precision without autocast (where
+    dtypes change between ops), no autograd graph to record, no graph being traced."""
+    tensors = (q, k, v, mix)
+    return (q.dtype in (torch.float32, torch.float64)
+            and all(t.dtype == q.dtype for t in tensors)
+            and not autocast_state(q.device.type)['enabled']
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
+            and not is_tracing())
+
+
+def _mixed_head_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                          mix: torch.Tensor, rows: int, eps: float):
+    """:func:`mixed_head_attention` without dropout, the same ops on the same values
+    (equal results), for inference in full precision: each block's logits and map go into
+    two buffers reused by every block (no fresh memory per op, and a working set that
+    stays in cache), the softmax and the centring overwrite the map, and the products
+    with ``v`` are written into the output."""
+    B, n, N, _ = q.shape
+    num_keys = k.shape[2]
+    batch_mix = mix.expand(B, n, n)
+    keys_t = k.transpose(-2, -1)
+    rows = min(rows, N)
+    logits_buffer = q.new_empty(B * n * rows * num_keys)
+    map_buffer = torch.empty_like(logits_buffer)
+    unscaled = q.new_empty(B, n, N, v.shape[-1])
+    sum_sq = 0.
+    for start in range(0, N, rows):
+        size = min(rows, N - start)
+        # the first elements of a buffer: contiguous also for a shorter last block
+        logits = logits_buffer[:B * n * size * num_keys].view(B, n, size, num_keys)
+        torch.matmul(q[:, :, start:start + size], keys_t, out=logits)
+        centered = map_buffer[:logits.numel()].view_as(logits)
+        torch.bmm(batch_mix, logits.flatten(2), out=centered.flatten(2))
+        torch.softmax(centered, dim=-1, out=centered).sub_(1. / num_keys)
+        sum_sq = sum_sq + torch.linalg.vector_norm(centered, dim=-1).square().sum(dim=-1)
+        torch.matmul(centered, v, out=unscaled[:, :, start:start + size])
+    inv_std = torch.rsqrt(sum_sq / (N * num_keys) + eps).view(B, n, 1, 1)
+    return unscaled * inv_std, unscaled, inv_std, []
+
+
 def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                           mix: torch.Tensor, rows: int, drop: float, eps: float,
                           keep_for_backward: bool = False):
@@ -60,8 +101,11 @@ def mixed_head_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     ``rsqrt(var + eps)``, and, with ``keep_for_backward``, each block's softmax map and
     dropout mask (already divided by the keep probability). The maps, the variance and
     the scale are float32 or float64 (module docstring, "Mixed precision"); the products
-    with ``v`` and the output are in ``v``'s dtype.
+    with ``v`` and the output are in ``v``'s dtype. Inference in full precision computes
+    in place (:func:`_mixed_head_inference`).
     """
+    if drop == 0 and not keep_for_backward and _overwritable(q, k, v, mix):
+        return _mixed_head_inference(q, k, v, mix, rows, eps)
     B, n, N, _ = q.shape
     num_keys = k.shape[2]
     batch_mix = mix.expand(B, n, n)

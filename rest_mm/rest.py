@@ -23,10 +23,10 @@ from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .checkpoint import load_pretrained
 from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
 from .presets import ARCH_ZOOS, NUM_STAGES, is_whole_number, resolve_arch
 from .torch_compat import is_tracing
+from .weights.backbone import load_pretrained
 
 
 def _to_nchw(x: torch.Tensor) -> torch.Tensor:

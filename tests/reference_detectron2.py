@@ -47,6 +47,36 @@ RETINANET_STRIDES = (8, 16, 32, 64, 128)
 RPN_STRIDES = (4, 8, 16, 32, 64)
 BOX_HEAD_WEIGHTS = (10.0, 10.0, 5.0, 5.0)
 DENSE_WEIGHTS = (1.0, 1.0, 1.0, 1.0)
+# detectron2's evaluation settings, as mmdet test_cfg entries (names in config/defaults.py
+# unless a yaml is named).
+DETECTRON2_TEST_CFG = {
+    'RetinaNet': dict(
+        nms_pre=1000,  # MODEL.RETINANET.TOPK_CANDIDATES_TEST, per level, after the threshold
+        min_bbox_size=0,  # detector_postprocess drops empty boxes (mmdet: before NMS)
+        score_thr=0.05,  # MODEL.RETINANET.SCORE_THRESH_TEST
+        nms=dict(type='nms', iou_threshold=0.5),  # MODEL.RETINANET.NMS_THRESH_TEST, per class
+        max_per_img=100),  # TEST.DETECTIONS_PER_IMAGE
+    'MaskRCNN': dict(
+        rpn=dict(
+            nms_pre=1000,  # Base-RCNN-FPN.yaml RPN.PRE_NMS_TOPK_TEST, per level
+            max_per_img=1000,  # Base-RCNN-FPN.yaml RPN.POST_NMS_TOPK_TEST, per image
+            nms=dict(type='nms', iou_threshold=0.7),  # MODEL.RPN.NMS_THRESH, per level
+            min_bbox_size=0),  # MODEL.PROPOSAL_GENERATOR.MIN_SIZE
+        rcnn=dict(
+            score_thr=0.05,  # MODEL.ROI_HEADS.SCORE_THRESH_TEST
+            nms=dict(type='nms', iou_threshold=0.5),  # MODEL.ROI_HEADS.NMS_THRESH_TEST
+            max_per_img=100,  # TEST.DETECTIONS_PER_IMAGE
+            mask_thr_binary=0.5)),  # detector_postprocess(mask_threshold=0.5)
+}
+DETECTRON2_TEST_INPUT = dict(
+    scale=(1333, 800),  # INPUT.MAX_SIZE_TEST, INPUT.MIN_SIZE_TEST (ResizeShortestEdge)
+    keep_ratio=True,
+    pad_size_divisor=32,  # FPN.size_divisibility: the stride of its last input (stage 4)
+    # detectron2 decodes with PIL (data/detection_utils.py read_image) and resizes uint8
+    # images with PIL's bilinear filter (data/transforms/transform.py ResizeTransform).
+    imdecode_backend='pillow',
+    resize_backend='pillow',
+    interpolation='bilinear')
 
 StateDict = Dict[str, torch.Tensor]
 

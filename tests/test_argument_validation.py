@@ -100,7 +100,8 @@ def test_convert_weights_refuses_non_finite_weights_unless_allowed(damaged_check
     dst = tmp_path / 'converted.pth'
     with pytest.raises(SystemExit) as exit_info:
         convert_weights.main([str(damaged_checkpoint), str(dst)])
-    message = str(exit_info.value.code)
+    message = str(exit_info.value)
+    assert exit_info.value.code == 2
     assert NAN_KEY in message and INF_KEY in message and '--allow-non-finite' in message
     assert not dst.exists()
     convert_weights.main([str(damaged_checkpoint), str(dst), '--allow-non-finite'])

@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 from mmengine.config import Config
 
-from rest_mm.checkpoint_files import read_local_checkpoint
 from rest_mm.cli import safe_files
 from rest_mm.cli.checkpoint_hook import use_atomic_checkpoints
 from rest_mm.cli.safe_files import (
@@ -26,6 +25,7 @@ from rest_mm.cli.safe_files import (
     check_output_path,
     lock_work_dir,
 )
+from rest_mm.weights.files import read_local_checkpoint
 
 from testlib import REPO, work_dir_held_by_another_process
 
@@ -184,7 +184,7 @@ _RUN = textwrap.dedent("""
     from mmengine.model import BaseModel
     from mmengine.runner import Runner, find_latest_checkpoint
     import rest_mm.cli.checkpoint_hook  # registers AtomicCheckpointHook
-    from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+    from rest_mm.weights.files import allow_mmengine_checkpoints
 
     work_dir, hook, failure, fail_at, resume = sys.argv[1:6]
     allow_mmengine_checkpoints()

@@ -1,12 +1,12 @@
 """Mixed precision: ResT v1's attention accurate under autocast (rest_mm.fused_attention,
 forward and hand-written backward, CPU bfloat16 and float16), the whole backbones against
-float64, and ``--amp`` on a CPU (rest_mm.cli.precision, rest_mm.cli.runtime)."""
+float64, and ``--amp`` on a CPU (rest_mm.cli.precision, rest_mm.cli.runner_setup)."""
 
 import pytest
 import torch
 
 from rest_mm import ResT, ResTV2
-from rest_mm.cli import runtime
+from rest_mm.cli import runner_setup
 from rest_mm.cli.precision import AMP_DTYPES, amp_dtype, cpu_bf16_note, run_network_in_amp
 from rest_mm.fused_attention import MixedHeadAttentionFunction, mixed_head_attention
 from rest_mm.torch_compat import cpu_autocast_supports
@@ -250,7 +250,7 @@ def test_cpu_amp_optim_wrapper_trains_in_bfloat16():
     model = torch.nn.Linear(8, 3)
     wrapper = OPTIM_WRAPPERS.build(dict(type='CPUAmpOptimWrapper',
                                         optimizer=torch.optim.AdamW(model.parameters(), 1e-2)))
-    assert isinstance(wrapper, runtime.CPUAmpOptimWrapper)
+    assert isinstance(wrapper, runner_setup.CPUAmpOptimWrapper)
     before = model.weight.detach().clone()
     with wrapper.optim_context(model):
         out = model(torch.randn(5, 8))
@@ -265,9 +265,9 @@ def test_use_amp_on_a_cpu_converts_cuda_amp_configs():
     from mmengine.config import Config
     cfg = Config(dict(optim_wrapper=dict(type='AmpOptimWrapper', loss_scale=512.,
                                          optimizer=dict(type='SGD', lr=0.1))))
-    runtime.use_amp(cfg)
+    runner_setup.use_amp(cfg)
     assert cfg.optim_wrapper == dict(type='CPUAmpOptimWrapper',
                                      optimizer=dict(type='SGD', lr=0.1))
     cfg = Config(dict(optim_wrapper=dict(type='OptimWrapper', dtype='float16')))
     with pytest.raises(ValueError, match='computes in bfloat16'):
-        runtime.use_amp(cfg)
+        runner_setup.use_amp(cfg)

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
-from rest_mm.checkpoint import backbone_key_problems
 from rest_mm.presets import (
     ARCH_KEYS,
     ARCH_ZOOS,
@@ -18,6 +17,7 @@ from rest_mm.presets import (
 )
 from rest_mm.rest import BACKBONES
 from rest_mm.testing import straightforward
+from rest_mm.weights.backbone import backbone_key_problems
 
 
 def test_models_read_the_one_table():

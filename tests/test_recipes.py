@@ -188,7 +188,7 @@ def test_weight_decay_as_mmseg0x_gave_it_to_the_authors_names(reference_dir):
     model, contains 'norm': translate our backbone's names back to theirs."""
     import json
 
-    from rest_mm.checkpoint import convert_checkpoint
+    from rest_mm.weights import convert_checkpoint
     keys = json.loads((reference_dir / 'reference_checkpoint_keys.json').read_text())
     authors_keys = [k for k in keys['restv2_tiny'] if not k.startswith(('head.', 'norm.'))]
     authors_keys += [f'norm_{i}.{p}' for i in range(1, 5) for p in ('weight', 'bias')]
@@ -202,7 +202,7 @@ def test_weight_decay_as_mmseg0x_gave_it_to_the_authors_names(reference_dir):
     stem_bn_checked = False
     for name, decay in decays.items():
         authors_name = (ours_to_authors[name[len('backbone.'):]] if name.startswith('backbone.')
-                        else name)  # mmseg 0.x's heads have the same names (test_mmseg0x.py)
+                        else name)  # mmseg 0.x's heads: the same names (test_weights_mmseg0x)
         assert decay == (0.0 if 'norm' in authors_name else 0.01), (name, authors_name)
         stem_bn_checked |= authors_name == 'stem.proj.1.weight' and decay == 0.01
     assert stem_bn_checked

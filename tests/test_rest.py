@@ -9,10 +9,10 @@ import torch.nn.functional as F
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
-from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.presets import PRESET_NAMES, parse_preset_name
 from rest_mm.rest import BACKBONES, EMSA
 from rest_mm.testing import straightforward
+from rest_mm.weights.backbone import load_converted_state_dict
 
 from testlib import (
     REFERENCE_ARCH,

@@ -6,7 +6,7 @@ import torch
 
 import rest_mm.rest
 from rest_mm.cli import demo as demo_tool
-from rest_mm.cli import runtime
+from rest_mm.cli import runner_setup
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
 
@@ -23,7 +23,7 @@ def recorded(monkeypatch):
     last: ``trained_in``) and the losses our CPU optim wrapper steps on."""
     record = dict(mlp=[], loss=[], trained_in=[])
     mlp_forward = rest_mm.rest.Mlp.forward
-    update_params = runtime.CPUAmpOptimWrapper.update_params
+    update_params = runner_setup.CPUAmpOptimWrapper.update_params
 
     def recording_mlp(self, x):
         out = mlp_forward(self, x)
@@ -37,7 +37,7 @@ def recorded(monkeypatch):
         return update_params(self, loss, **kwargs)
 
     monkeypatch.setattr(rest_mm.rest.Mlp, 'forward', recording_mlp)
-    monkeypatch.setattr(runtime.CPUAmpOptimWrapper, 'update_params', recording_update)
+    monkeypatch.setattr(runner_setup.CPUAmpOptimWrapper, 'update_params', recording_update)
     return record
 
 

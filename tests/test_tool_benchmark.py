@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rest_mm.cli import benchmark
+from rest_mm.cli import benchmark, precision
 from rest_mm.cli.precision import native_bf16_flags
 from rest_mm.torch_compat import cpu_autocast_supports
 
@@ -183,3 +183,49 @@ def test_float16_is_refused_where_cpu_autocast_lacks_it(capsys):
         benchmark.main(['rest_lite', '--size', '32x32', '--dtype', 'float32', 'float16'])
     assert exit_info.value.code == 2
     assert 'CPU autocast in float16 needs a newer torch' in capsys.readouterr().err
+
+
+def test_benchmark_matmul_rate(capsys):
+    """``--matmul-rate``: the float32 matmul's rate and each backbone's multiply-accumulates
+    per second as a percentage of it (the figure of docs/performance.md)."""
+    benchmark.main(['rest_lite', 'pvtv2_b1', '--size', '64x64', '--runs', '2', '--warmup',
+                    '0', '--matmul-rate'])
+    out = capsys.readouterr().out
+    assert re.search(r'^float32 matmul 2048x2048: [\d.]+ GMAC/s \(fastest run\)$', out, re.M)
+    for name in ('rest_lite', 'pvtv2_b1'):
+        line = re.search(rf'^{name}: ([\d.]+) GMAC in ([\d.]+) s \(fastest run\) = ([\d.]+) '
+                         rf'GMAC/s, (\d+) % of the matmul rate$', out, re.M)
+        assert line and float(line[1]) > 0 and float(line[3]) > 0  # tiny: a few %
+    assert re.findall(r'^\| (\S+) \|', out, re.M) == ['model', 'rest_lite', 'pvtv2_b1']
+
+
+@pytest.mark.parametrize('args, message', [
+    (['rest_lite', '--matmul-rate', '--mode', 'train'], '--matmul-rate compares'),
+    (['rest_lite', '--matmul-rate', '--dtype', 'bfloat16'], '--matmul-rate compares'),
+    ([TOY_RETINANET, '--matmul-rate'], '--matmul-rate compares'),
+    (['rest_lite', '--device', 'tpu'], 'invalid choice'),
+])
+def test_benchmark_refuses_matmul_rate_and_device_misuse(capsys, args, message):
+    with pytest.raises(SystemExit) as exit_info:
+        benchmark.parse_args(args)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason='this machine has a CUDA GPU')
+def test_benchmark_refuses_cuda_without_a_gpu(capsys):
+    with pytest.raises(SystemExit):
+        benchmark.parse_args(['rest_lite', '--device', 'cuda'])
+    assert 'finds no CUDA GPU on this machine; use --device cpu' in capsys.readouterr().err
+
+
+def test_cpu_name_and_bf16_flags_come_from_cpuinfo(tmp_path):
+    cpuinfo = tmp_path / 'cpuinfo'
+    cpuinfo.write_text('processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx512_bf16 '
+                       'amx_bf16 sse\n\nprocessor\t: 1\nmodel name\t: Some Xeon\n')
+    assert precision.cpu_model_name(str(cpuinfo)) == 'Some Xeon'
+    assert precision.native_bf16_flags(str(cpuinfo)) == ['amx_bf16', 'avx512_bf16']
+    assert 'native here (amx_bf16, avx512_bf16)' in precision.cpu_bf16_note(str(cpuinfo))
+    missing = str(tmp_path / 'none')
+    assert precision.native_bf16_flags(missing) == []
+    assert precision.cpu_model_name(missing)  # the platform's name, or 'unknown CPU'

@@ -18,12 +18,12 @@ pytestmark = needs_full_stack
 
 
 def test_demo_rejects_bad_inputs(tmp_path):
-    with pytest.raises(SystemExit, match='holds no image files'):
+    with pytest.raises(ValueError, match='holds no image files'):
         demo_tool.list_images(str(tmp_path))
     (tmp_path / 'notes.txt').write_text('not an image')
-    with pytest.raises(SystemExit, match='is not an image file'):
+    with pytest.raises(ValueError, match='is not an image file'):
         demo_tool.list_images(str(tmp_path / 'notes.txt'))
-    with pytest.raises(SystemExit, match='neither an image file nor a folder'):
+    with pytest.raises(FileNotFoundError, match='neither an image file nor a folder'):
         demo_tool.list_images(str(tmp_path / 'missing.jpg'))
     # A folder named like an image is not one (it used to end in IndexError).
     (tmp_path / 'x.png').mkdir()

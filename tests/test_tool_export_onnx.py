@@ -28,12 +28,14 @@ def test_exportable_adaptive_pool_is_exact(output_size):
 
 
 @needs_full_stack
-def test_export_rejects_bad_requests(tmp_path):
-    assert export_tool.parse_size('2x200x328') == (2, 200, 328)
-    assert export_tool.parse_size('333x517') == (1, 333, 517)
-    with pytest.raises(SystemExit, match='expected HxW or BxHxW'):
-        export_tool.parse_size('333by517')
+def test_export_rejects_bad_requests(tmp_path, capsys):
     out = str(tmp_path / 'x.onnx')
+    assert export_tool.parse_args(['rest_lite', '--out', out, '--verify-sizes', '2x200x328',
+                                   '333x517']).verify_sizes == [(2, 200, 328), (1, 333, 517)]
+    with pytest.raises(SystemExit):
+        export_tool.main(['rest_lite', '--out', out, '--verify-sizes', '333by517'])
+    assert "size '333by517' must look like 333x517 or 2x200x328 (HxW or BxHxW)" in \
+        capsys.readouterr().err
     with pytest.raises(SystemExit, match='Detectors are not exported'):
         export_tool.main([str(DET_CONFIG), '--segmentor', '--out', out])
     with pytest.raises(SystemExit, match='name a .onnx file'):

@@ -78,8 +78,9 @@ def test_export_onnx_full_disk_or_kill_leaves_the_previous_file(tmp_path, monkey
                                                            'device')))
     with pytest.raises(SystemExit) as caught:
         export_tool.main([config, '--out', str(out)])
-    assert str(caught.value) == f'cannot export ONNX to {out}: {NO_SPACE} (or choose another ' \
-                                f'disk) and run again'
+    assert caught.value.code == 2
+    assert str(caught.value) == f'tools/export_onnx.py: error: cannot export ONNX to {out}: ' \
+                                f'{NO_SPACE} (or choose another disk) and run again'
     # a kill: nothing catches it; the file being written was never --out
     monkeypatch.setattr(export_tool, 'export', lambda *a: export_half(*a, KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
@@ -117,7 +118,8 @@ def test_visualize_on_a_full_disk_leaves_no_partial_picture(tmp_path, monkeypatc
 
     monkeypatch.setattr(matplotlib.figure.Figure, 'savefig', save_half)
     config = str(reference_config(tmp_path, 'v2', reference_arch))
-    with pytest.raises(SystemExit, match=f'^cannot write {out}: {NO_SPACE}'):
+    with pytest.raises(SystemExit, match=f'^tools/visualize.py: error: cannot write {out}: '
+                                         f'{NO_SPACE}'):
         visualize_tool.main([str(image), config, '--out', str(out)])
     assert list(out.parent.iterdir()) == []
 
@@ -138,8 +140,9 @@ def test_convert_weights_on_a_full_disk_is_one_line_and_keeps_dst(tmp_path, monk
     monkeypatch.setattr(torch, 'save', save_half)
     with pytest.raises(SystemExit) as caught:
         convert_tool.main([str(source), str(dst)])
-    assert str(caught.value).startswith(f'cannot save the converted checkpoint to {dst}: '
-                                        f'{NO_SPACE}')
+    assert caught.value.code == 2
+    assert str(caught.value).startswith(f'tools/convert_weights.py: error: cannot save the '
+                                        f'converted checkpoint to {dst}: {NO_SPACE}')
     assert dst.read_bytes() == b'previous conversion' and _hidden_leftovers(tmp_path) == []
 
 
@@ -224,10 +227,11 @@ def test_demo_on_a_full_disk_stops_with_one_line_and_no_empty_picture(tmp_path):
     """)
     result = subprocess.run([sys.executable, '-c', script], capture_output=True, text=True,
                             cwd=tmp_path, timeout=900)
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     last = result.stderr.strip().splitlines()[-1]
-    assert last == (f'cannot write {out_dir / "a.png"}: {NO_SPACE} (or choose another disk) '
-                    f'and run again (the pictures before a.png are complete)'), result.stderr
+    assert last == (f'tools/demo.py: error: cannot write {out_dir / "a.png"}: {NO_SPACE} (or '
+                    f'choose another disk) and run again (the pictures before a.png are '
+                    f'complete)'), result.stderr
     assert 'Traceback' not in result.stderr
     assert list(out_dir.iterdir()) == []  # no 0-byte picture
 
@@ -244,8 +248,8 @@ def _train_until_the_runner(monkeypatch, work_dir: Path) -> list:
     from rest_mm.cli import train as train_tool
     monkeypatch.setattr(train_tool, 'build_config',
                         lambda args: Config(dict(work_dir=str(work_dir))))
-    monkeypatch.setattr(train_tool, 'read_start_checkpoint', lambda cfg: None)
-    monkeypatch.setattr(train_tool.Runner, 'from_cfg', _work_must_not_start)
+    monkeypatch.setattr(train_tool, 'read_start_checkpoint', lambda cfg, *options: None)
+    monkeypatch.setattr(train_tool.runner_setup, 'build_runner', _work_must_not_start)
     return [TOY_CONFIG, '--work-dir', str(work_dir)]
 
 
@@ -302,7 +306,7 @@ _KILLED_AT_SECOND_SAVE = textwrap.dedent("""
 @needs_full_stack
 @pytest.mark.slow
 def test_a_kill_while_the_toy_training_saves_leaves_a_checkpoint_to_resume(tmp_path):
-    from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+    from rest_mm.weights.files import allow_mmengine_checkpoints
     data = fresh_toy_data(tmp_path)
     work_dir = tmp_path / 'work'
     arguments = [TOY_CONFIG, '--work-dir', str(work_dir), '--cfg-options',

@@ -87,8 +87,8 @@ def _refusal(capsys, args) -> str:
     assert exit_info.value.code == 2
     # (mmengine's logger may also write here, to a stream an earlier test captured)
     lines = [line for line in capsys.readouterr().err.splitlines()
-             if line.startswith('swap_backbone')]
-    assert len(lines) == 1 and lines[0].startswith('swap_backbone: refused: '), lines
+             if line.startswith('tools/swap_backbone.py')]
+    assert len(lines) == 1 and lines[0].startswith('tools/swap_backbone.py: error: '), lines
     return lines[0]
 
 

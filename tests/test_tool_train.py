@@ -45,7 +45,7 @@ def test_tools_reject_bad_input(tmp_path, capsys):
     if not torch.cuda.is_available():
         # a config whose recipe is mixed precision: a message, not mmengine's assertion
         v2_config = str(REPO / 'configs' / 'detection' / 'mask_rcnn_restv2_tiny_3x_coco.py')
-        with pytest.raises(SystemExit, match='optim_wrapper.type=OptimWrapper'):
+        with pytest.raises(ValueError, match='optim_wrapper.type=OptimWrapper'):
             train_tool.build_config(train_tool.parse_args(
                 [v2_config, '--work-dir', str(tmp_path / 'amp')]))
     with pytest.raises(SystemExit):
@@ -137,6 +137,33 @@ def test_resume_needs_a_training_checkpoint(tmp_path):
     with pytest.raises(SystemExit, match='is a directory, not a file'):
         train_tool.main([toy, '--work-dir', str(work), '--resume', str(tmp_path)] + options)
     assert not work.exists()
+
+
+def test_non_finite_checkpoints_are_refused(tmp_path):
+    """A whole-model checkpoint holding NaN used to be tested and trained from without a
+    word (issue 16); --allow-non-finite loads it anyway, as the other tools' flag does."""
+    options = toy_options(fresh_toy_data(tmp_path), 'mmdet')
+    toy = str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py')
+    weights = {'backbone.stem.0.weight': torch.tensor([1.0, float('nan')]),
+               'bbox_head.retina_cls.bias': torch.tensor([float('inf'), 0.0, 0.0])}
+    path = tmp_path / 'diverged.pth'
+    torch.save(dict(state_dict=weights, meta=dict(epoch=1, iter=1), message_hub={},
+                    optimizer={}), path)
+    message = (r'non-finite values in 2 tensor\(s\) of .*diverged.pth: '
+               r'backbone.stem.0.weight \(1 NaN, 0 Inf of 2\), bbox_head.retina_cls.bias '
+               r'\(0 NaN, 1 Inf of 3\).*pass --allow-non-finite')
+    work = tmp_path / 'work'
+    for main, argv in ((test_tool.main, [toy, str(path)]),
+                       (train_tool.main, [toy, '--resume', str(path)]),
+                       (train_tool.main, [toy])):
+        extra = [f'load_from={path}'] if argv == [toy] else []
+        with pytest.raises(SystemExit, match=message):
+            main(argv + ['--work-dir', str(work)] + options + extra)
+    assert not work.exists()
+    # allowed, the file gets past that check to the next: it does not fit the model
+    with pytest.raises(SystemExit, match='diverged.pth does not fit the RetinaNet'):
+        test_tool.main([toy, str(path), '--allow-non-finite', '--work-dir', str(work)]
+                       + options)
 
 
 def _untrained_checkpoint(config: str, options: list, path: Path):

@@ -150,3 +150,52 @@ def test_visualize_writes_a_readable_figure(tmp_path, variant, reference_dir, re
     assert figure is not None and figure.shape[0] > 600 and figure.shape[1] > 1000
     # Not blank: the overlays and text vary across the figure.
     assert figure.std() > 20
+
+
+# --- thin images (issue 16) ---------------------------------------------------------------
+@pytest.mark.parametrize('max_size, valid, invalid', [
+    (100, (299, 4), (0, 5)),    # 300×5 shown as 100×2: Y=5 was taken (read back as 6 rows)
+    (77, (0, 4), (300, 0)),     # 300×5 shown as 77×1: Y=4 was refused (read back as 4 rows)
+    (1024, (299, 4), (0, 5)),
+])
+def test_visualize_query_is_checked_against_the_original_thin_image(tmp_path, monkeypatch,
+                                                                    capsys, max_size, valid,
+                                                                    invalid):
+    image = tmp_path / 'thin.png'
+    write_image(image, 5, 300)
+    drawn = []
+    monkeypatch.setattr(visualize_tool, 'draw', lambda image, stages, query, *args:
+                        drawn.append((image.shape[:2], query)))
+    argv = [str(image), 'rest_lite', '--out', str(tmp_path / 'x.png'), '--max-size',
+            str(max_size), '--query']
+    visualize_tool.main(argv + [str(q) for q in valid])
+    (height, width), query = drawn[0]
+    assert 0 <= query[0] < width and 0 <= query[1] < height
+    with pytest.raises(SystemExit) as refused:
+        visualize_tool.main(argv + [str(q) for q in invalid])
+    assert refused.value.code == 2
+    err = capsys.readouterr().err
+    assert err == (f'tools/visualize.py: error: --query {invalid[0]} {invalid[1]} lies outside '
+                   'the 300×5 image (X in 0..299, Y in 0..4)\n')
+
+
+def test_visualize_query_maps_each_side_by_its_own_factor():
+    # 4000×5 shrinks to 1024×1: the last pixel stays the last one on both sides.
+    assert visualize_tool.query_in_image((3999, 4), (4000, 5), (1024, 1)) == (1023, 0)
+    assert visualize_tool.query_in_image(None, (4000, 5), (1024, 1)) == (512, 0)
+
+
+@pytest.mark.parametrize('height, width', [(300, 5), (5, 4000)])
+def test_visualize_figure_of_a_thin_image_stays_small(tmp_path, height, width):
+    # The figure's height grew with the aspect ratio: 5×300 gave a 1408×63492 px PNG (1.4 GB
+    # in memory) and 4000-tall images ran for minutes.
+    image = tmp_path / 'thin.png'
+    write_image(image, height, width)
+    out = tmp_path / 'figure.png'
+    visualize_tool.main([str(image), 'rest_lite', '--out', str(out)])
+    figure = mmcv.imread(str(out))
+    panel_px = visualize_tool.PANEL * 110  # the figure's dpi
+    rows, columns = 3, 4
+    assert figure.shape[1] <= columns * panel_px + 1
+    assert figure.shape[0] <= (rows * visualize_tool.MAX_PANEL_ASPECT * panel_px
+                               + 1.2 * 110 + 1)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from rest_mm import torch_compat
-from rest_mm.checkpoint_files import restricted_pickle
+from rest_mm.weights.files import restricted_pickle
 
 
 def test_version_is_parsed_and_required_versions_are_named(monkeypatch):

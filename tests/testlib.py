@@ -17,9 +17,9 @@ import torch
 from torch import nn
 
 from rest_mm import ResT, ResTV2, convert_checkpoint
-from rest_mm.checkpoint import load_converted_state_dict
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.testing import straightforward
+from rest_mm.weights.backbone import load_converted_state_dict
 
 # What the library-only environments (.venv-torch2.1, .venv-torch2.14: torch, mmengine,
 # mmcv-lite) lack of the pinned stack. Tests that need any of it are marked needs_full_stack

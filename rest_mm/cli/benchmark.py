@@ -86,6 +86,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 from torch import nn
 
+from rest_mm.cli import errors
 from rest_mm.cli.builders import (
     build_config_model,
     build_ours,
@@ -93,8 +94,14 @@ from rest_mm.cli.builders import (
     parse_size,
     positive_int,
 )
-from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
-from rest_mm.cli.runtime import adapt_config_to_device, refuse_output_over_inputs
+from rest_mm.cli.precision import (
+    AMP_DTYPES,
+    cpu_bf16_note,
+    cpu_model_name,
+    run_network_in_amp,
+)
+from rest_mm.cli.preflight import refuse_output_over_inputs
+from rest_mm.cli.runner_setup import adapt_config_to_device
 from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
 from rest_mm.testing import straightforward
@@ -118,6 +125,9 @@ POST_PROCESSING_METHODS = ('predict_by_feat', 'postprocess_result', 'add_pred_to
 #: ``--checkpoint`` value for random weights.
 NO_CHECKPOINT = 'none'
 PHASES = ('preprocess', 'forward', 'postprocess')
+#: Side of the square float32 matrices whose product gives ``--matmul-rate``'s reference.
+MATMUL_SIZE = 2048
+MATMUL_LABEL = f'float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE}'
 
 
 def known_names() -> List[str]:
@@ -216,12 +226,9 @@ def build_whole_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.M
     if checkpoint is None:
         _initialise_quietly(model)
         return model, 'random weights (mmengine init_weights)'
-    from rest_mm.checkpoint import load_whole_model
-    try:
-        load_whole_model(model, checkpoint)
-    except (FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(f'{checkpoint} does not load into the model of {name} (a checkpoint '
-                         f'trained with that config is needed): {error}')
+    from rest_mm.cli.checkpoint_checks import load_whole_model
+    load_whole_model(model, checkpoint, f'the model of {name} (a checkpoint trained with that '
+                     f'config is needed)')
     return model, f'weights {checkpoint}'
 
 
@@ -238,11 +245,12 @@ def build_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module,
     elif name in PRESET_NAMES:
         model, weights = build_ours(name), 'random weights'
         if checkpoint is not None:
-            from rest_mm.checkpoint import load_pretrained
+            from rest_mm.weights import load_pretrained
             try:
                 load_pretrained(model, checkpoint)
             except (FileNotFoundError, RuntimeError) as error:
-                raise SystemExit(f'{checkpoint} does not load into {name}: {error}')
+                raise errors.UserError(f'{checkpoint} does not load into {name}: {error}'
+                                       ) from error
             weights = f'weights {checkpoint}'
     elif name.startswith(STRAIGHTFORWARD_PREFIX) and \
             name[len(STRAIGHTFORWARD_PREFIX):] in PRESET_NAMES:
@@ -259,11 +267,44 @@ def build_model(name: str, checkpoint: Optional[str] = None) -> Tuple[nn.Module,
     return model, weights
 
 
-def precision(dtype: torch.dtype):
-    """The context a call runs in: nothing for float32, CPU autocast otherwise."""
+def precision(dtype: torch.dtype, device_type: str = 'cpu'):
+    """The context a call runs in: nothing for float32, autocast on ``device_type``
+    otherwise."""
     if dtype == torch.float32:
         return contextlib.nullcontext()
-    return torch.autocast('cpu', dtype=dtype)
+    return torch.autocast(device_type, dtype=dtype)
+
+
+def _device(model: nn.Module) -> torch.device:
+    """Where ``model`` runs (``--device``): its parameters' device."""
+    return next(model.parameters()).device
+
+
+def _synchronize() -> None:
+    """Wait for the GPU's queued work, so that a wall-clock time includes it (nothing to
+    wait for where CUDA was never used)."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def make_matmul_step(device: torch.device) -> Callable[[], None]:
+    """One float32 ``torch.matmul`` of two :data:`MATMUL_SIZE`-square matrices: the
+    machine's matrix-product rate, which ``--matmul-rate`` compares the models with."""
+    a, b = (torch.randn(MATMUL_SIZE, MATMUL_SIZE, device=device) for _ in range(2))
+
+    def step():
+        torch.matmul(a, b)
+    return step
+
+
+def count_gmac(model: nn.Module, batch: int, size: Tuple[int, int]) -> float:
+    """A backbone's multiply-accumulates per call, in billions (mmengine's count with our
+    attention handles, ``rest_mm.flops``; ``tools/get_flops.py`` counts the same)."""
+    from rest_mm.flops import flop_analyzer
+    model.eval()
+    with torch.no_grad():
+        images = torch.randn(batch, 3, *size, device=_device(model))
+        return flop_analyzer(model, (images, )).total() / 1e9
 
 
 def make_step(model: nn.Module, batch: int, size: Tuple[int, int], mode: str,
@@ -273,11 +314,11 @@ def make_step(model: nn.Module, batch: int, size: Tuple[int, int], mode: str,
     :func:`make_predict_step`)."""
     if mode == 'predict':
         return make_predict_step(model, batch, size, dtype)
-    images = torch.randn(batch, 3, *size)
+    images = torch.randn(batch, 3, *size, device=_device(model))
     samples = data_samples(model, batch, size)
 
     def run(m):
-        with precision(dtype):
+        with precision(dtype, images.device.type):
             if samples is None:
                 return m(images)
             return m(images, samples, mode='tensor')
@@ -329,10 +370,12 @@ def timed_post_processing(model: nn.Module) -> Iterator[List[float]]:
                 if depth[0]:
                     return _method(*args, **kwargs)
                 depth[0] += 1
+                _synchronize()  # the forward's queued GPU work is not post-processing
                 start = time.perf_counter()
                 try:
                     return _method(*args, **kwargs)
                 finally:
+                    _synchronize()
                     spent[0] += time.perf_counter() - start
                     depth[0] -= 1
             setattr(module, name, timed)
@@ -355,7 +398,7 @@ def make_predict_step(model: nn.Module, batch: int, size: Tuple[int, int],
         raise ValueError('--mode predict needs a config\'s whole model, not a backbone')
     if dtype != torch.float32:
         model = copy.deepcopy(model)
-        if run_network_in_amp(model, 'cpu') != dtype:
+        if run_network_in_amp(model, _device(model).type) != dtype:
             raise ValueError(f'--mode predict runs float32, or mixed precision as tools/test.py '
                              f'--amp does on a CPU (bfloat16), not {dtype}')
     model.eval()
@@ -366,6 +409,7 @@ def make_predict_step(model: nn.Module, batch: int, size: Tuple[int, int],
         with torch.no_grad(), timed_post_processing(model) as post:
             start = time.perf_counter()
             data = model.data_preprocessor(data, False)
+            _synchronize()
             middle = time.perf_counter()
             results = model(**data, mode='predict')
             end = time.perf_counter()
@@ -397,7 +441,8 @@ def precision_errors(model: nn.Module, size: Tuple[int, int],
     model.eval()
     with torch.no_grad():
         if getattr(model, 'default_scope', None) is None:
-            forward, inputs = model, torch.randn(1, 3, *size, generator=generator)
+            forward = model
+            inputs = torch.randn(1, 3, *size, generator=generator).to(_device(model))
         else:
             image = torch.randint(0, 256, (3, *size), dtype=torch.uint8, generator=generator)
             data = dict(inputs=[image], data_samples=_fresh_samples(model, 1, size))
@@ -408,7 +453,7 @@ def precision_errors(model: nn.Module, size: Tuple[int, int],
             if DTYPES[name] == torch.float32:
                 errors[name] = [0.] * len(exact)
                 continue
-            with precision(DTYPES[name]):
+            with precision(DTYPES[name], _device(model).type):
                 outputs = _tensors(forward(inputs))
             errors[name] = [((o.float() - e).norm() / e.norm()).item()
                             for o, e in zip(outputs, exact)]
@@ -424,15 +469,30 @@ def time_models(steps: Dict[str, Callable[[], Optional[dict]]], warmup: int, run
         for i in range(warmup):
             log(f'  warm-up {name} ({i + 1}/{warmup})')
             step()
+            _synchronize()
     order = ([[name for name in steps]] * runs if interleave else
              [[name] for name in steps for _ in range(runs)])
     for round_names in order:
         for name in round_names:
             start = time.perf_counter()
             reported = steps[name]()
+            _synchronize()
             times[name].append(dict(reported or {}, total=time.perf_counter() - start))
             log(f'  {name}: run {len(times[name])}/{runs} {times[name][-1]["total"]:.3f} s')
     return times
+
+
+def _available_memory_bytes() -> int:
+    """The memory a new allocation can get: Linux's ``MemAvailable``, elsewhere the
+    physical memory."""
+    try:
+        with open('/proc/meminfo') as f:
+            for line in f:
+                if line.startswith('MemAvailable:'):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE')
 
 
 def _rss_bytes() -> int:
@@ -494,10 +554,10 @@ def straightforward_difference(ours: nn.Module, straightforward: nn.Module,
     same at every size.
     """
     from rest_mm import convert_checkpoint
-    from rest_mm.checkpoint import load_converted_state_dict
+    from rest_mm.weights.backbone import load_converted_state_dict
     load_converted_state_dict(ours, convert_checkpoint(straightforward.state_dict()))
     size = (min(size[0], 128), min(size[1], 192))
-    x = torch.randn(1, 3, *size)
+    x = torch.randn(1, 3, *size, device=_device(ours))
     worst = []
     for dtype in (torch.float64, torch.float32):
         ours.to(dtype).eval(), straightforward.to(dtype).eval()
@@ -535,6 +595,12 @@ def parse_args(argv=None):
                         'for our presets and configs (a checkpoint trained with the config)')
     parser.add_argument('--warmup', type=int, default=1)
     parser.add_argument('--runs', type=int, default=5)
+    parser.add_argument('--device', choices=('cpu', 'cuda'), default='cpu',
+                        help='where the models run (default cpu)')
+    parser.add_argument('--matmul-rate', action='store_true',
+                        help=f'also time a float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmul, taking '
+                        'turns with the backbones (interleaved as with --compare), and print each backbone\'s float32 '
+                        'multiply-accumulates per second as a percentage of its rate')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument('--compare', action='store_true',
@@ -543,6 +609,7 @@ def parse_args(argv=None):
                         help='also measure peak memory growth of one call (subprocess each)')
     parser.add_argument('--plot', metavar='PNG', help='draw latency against input size')
     parser.add_argument('--probe-memory', action='store_true', help=argparse.SUPPRESS)
+    errors.add_debug_argument(parser)
     args = parser.parse_args(argv)
     if not args.models:
         if not args.compare:
@@ -550,6 +617,13 @@ def parse_args(argv=None):
         args.models = list(DEFAULT_COMPARISON)
     if args.batch < 1 or args.runs < 1 or args.warmup < 0:
         parser.error('--batch and --runs must be at least 1, --warmup at least 0')
+    memory = _available_memory_bytes()
+    for height, width in args.size:
+        needed = args.batch * 3 * height * width * 4  # the float32 input alone
+        if needed > memory:
+            parser.error(f'--size {height}x{width} (--batch {args.batch}): the input tensor '
+                         f'alone needs {needed / 2**30:.1f} GiB, more than the '
+                         f'{memory / 2**30:.1f} GiB of memory available')
     for what, values in (('model', args.models), ('dtype', args.dtype)):
         twice = sorted({v for v in values if values.count(v) > 1})
         if twice:
@@ -568,10 +642,23 @@ def parse_args(argv=None):
         elif args.mode == 'predict':
             parser.error(f'--mode predict times a config\'s whole inference; {name!r} is a '
                          f'backbone (use --mode forward)')
-    if args.mode == 'predict' and 'float16' in args.dtype:
-        parser.error('--mode predict runs float32 and bfloat16 (mixed precision as tools/test.py '
-                     '--amp runs it on a CPU); float16 only with --mode forward or train')
-    if 'float16' in args.dtype and not cpu_autocast_supports(torch.float16):
+    amp = next(name for name, dtype in DTYPES.items() if dtype == AMP_DTYPES[args.device])
+    unlike_amp = [d for d in args.dtype if d not in ('float32', amp)]
+    if args.mode == 'predict' and unlike_amp:
+        parser.error(f'--mode predict runs float32 and {amp} (mixed precision as tools/test.py '
+                     f'--amp runs it on {args.device}); {", ".join(unlike_amp)} only with '
+                     f'--mode forward or train')
+    if args.device == 'cuda' and not torch.cuda.is_available():
+        parser.error(f'--device cuda: torch {torch.__version__} finds no CUDA GPU on this '
+                     f'machine; use --device cpu')
+    if args.device == 'cuda' and args.memory:
+        parser.error('--memory measures the resident memory of a CPU process: --device cpu only')
+    if args.matmul_rate and (args.mode != 'forward' or 'float32' not in args.dtype
+                             or any(is_config(name) for name in args.models)):
+        parser.error('--matmul-rate compares backbones\' float32 inference with the matmul: '
+                     'give backbone names, --mode forward and float32 among --dtype')
+    if (args.device == 'cpu' and 'float16' in args.dtype
+            and not cpu_autocast_supports(torch.float16)):
         parser.error(f'--dtype float16: CPU autocast in float16 needs a newer torch than '
                      f'{torch.__version__} (which has bfloat16 only)')
     args.checkpoints = _checkpoints(parser, args)
@@ -622,18 +709,7 @@ def _check_writable(parser: argparse.ArgumentParser, path: str) -> None:
         parser.error('--plot needs matplotlib (pip install matplotlib)')
 
 
-def _cpu_model_name() -> str:
-    try:
-        with open('/proc/cpuinfo') as f:
-            for line in f:
-                if line.startswith('model name'):
-                    return line.split(':', 1)[1].strip()
-    except OSError:
-        pass
-    import platform
-    return platform.processor() or 'unknown CPU'
-
-
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     if args.threads:
@@ -649,15 +725,18 @@ def main(argv=None):
     print(f'# torch {torch.__version__}, {torch.get_num_threads()} threads, mode {args.mode}, '
           f'batch {args.batch}, median of {args.runs} runs after {args.warmup} warm-up'
           + (', interleaved' if args.compare else ''))
-    if args.dtype != ['float32']:
-        print(f'# CPU {_cpu_model_name()}; {cpu_bf16_note()}')
-    if 'float16' in args.dtype:
+    if args.device == 'cuda':
+        print(f'# GPU {torch.cuda.get_device_name()}')
+    elif args.dtype != ['float32'] or args.matmul_rate:
+        print(f'# CPU {cpu_model_name()}; {cpu_bf16_note()}')
+    if args.device == 'cpu' and 'float16' in args.dtype:
         print('# float16 on a CPU: its error is that of CUDA mixed precision (--amp); its '
               'speed here means little')
     models, checkpoints = {}, dict(zip(args.models, args.checkpoints))
     for i, name in enumerate(args.models):
         log(f'[{i + 1}/{len(args.models)}] building {name}')
-        models[name], weights = build_model(name, checkpoints[name])
+        model, weights = build_model(name, checkpoints[name])
+        models[name] = model.to(args.device)
         if is_config(name) or checkpoints[name]:
             print(f'# {name}: {weights}')
     if args.mode == 'predict' and None in args.checkpoints:
@@ -682,7 +761,16 @@ def main(argv=None):
                 errors[name] = precision_errors(model, size, args.dtype)
         steps = {label: make_step(models[name], args.batch, size, args.mode, DTYPES[dtype])
                  for (name, dtype), label in runs.items()}
-        times = time_models(steps, args.warmup, args.runs, args.compare, log)
+        gmac = {}
+        if args.matmul_rate:
+            log('  counting multiply-accumulates')
+            gmac = {runs[name, 'float32']: count_gmac(models[name], args.batch, size)
+                    for name in models}
+            steps[MATMUL_LABEL] = make_matmul_step(torch.device(args.device))
+        # the matmul takes turns with the models: the same load from other work hits both
+        times = time_models(steps, args.warmup, args.runs, args.compare or args.matmul_rate,
+                            log)
+        matmul_times = times.pop(MATMUL_LABEL, None)
         memory = {}
         if args.memory:
             for (name, dtype), label in runs.items():
@@ -694,6 +782,8 @@ def main(argv=None):
             print_table(size, args, latency[size], memory)
         else:
             print_precision_table(size, args, runs, times, errors, memory)
+        if matmul_times:
+            print_matmul_rate(matmul_times, times, gmac)
     if args.plot:
         plot(latency, args.plot, args.mode)
         print(f'plot written to {args.plot}')
@@ -718,6 +808,19 @@ def print_table(size, args, latency: Dict[str, float], memory: Dict[str, float])
             if memory:
                 line += f', {memory[name] / memory[baseline]:.2f}× its peak memory'
             print(line)
+
+
+def print_matmul_rate(matmul_times: List[dict], times: Dict[str, List[dict]],
+                      gmac: Dict[str, float]):
+    """The float32 matmul's rate and each backbone's, both from their fastest run (the
+    least disturbed by other work on the machine)."""
+    rate = MATMUL_SIZE ** 3 / 1e9 / min(t['total'] for t in matmul_times)
+    print(f'float32 matmul {MATMUL_SIZE}x{MATMUL_SIZE}: {rate:.1f} GMAC/s (fastest run)')
+    for label, count in gmac.items():
+        seconds = min(t['total'] for t in times[label])
+        print(f'{label}: {count:.3g} GMAC in {seconds:.3f} s (fastest run) = '
+              f'{count / seconds:.1f} GMAC/s, {100 * count / seconds / rate:.0f} % of the '
+              f'matmul rate')
 
 
 def print_precision_table(size, args, runs: Dict[Tuple[str, str], str],

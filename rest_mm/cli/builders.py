@@ -13,9 +13,9 @@ from typing import List, Optional, Tuple, Union
 from mmengine.config import Config
 from torch import nn
 
-from rest_mm.checkpoint import load_pretrained
 from rest_mm.presets import PRESET_NAMES, parse_preset_name
 from rest_mm.rest import BACKBONES
+from rest_mm.weights import load_pretrained
 
 
 def build_ours(name: str) -> nn.Module:
@@ -57,15 +57,26 @@ def data_samples(model: nn.Module, batch: int, size: Tuple[int, int]) -> Optiona
     return [DetDataSample(metainfo=meta) for _ in range(batch)]
 
 
-def parse_size(text: str) -> Tuple[int, int]:
-    """``'800x1344'`` -> ``(800, 1344)`` (H, W), for argparse's ``type``."""
+def parse_size(text: str, batch: bool = False) -> Tuple[int, ...]:
+    """An image size, for argparse's ``type`` (``functools.partial`` for ``batch``).
+
+    Args:
+        text (str): ``'HxW'``, e.g. ``'800x1344'``; with ``batch`` also ``'BxHxW'``.
+        batch (bool): Whether a batch size may lead. Defaults to False.
+
+    Returns:
+        tuple[int]: ``(H, W)``; with ``batch``, ``(B, H, W)``, B being 1 where not given.
+    """
+    form, example = ('HxW or BxHxW', '333x517 or 2x200x328') if batch else ('HxW', '800x1344')
     try:
-        height, width = (int(v) for v in text.lower().split('x'))
+        sizes = tuple(int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise argparse.ArgumentTypeError(f'size {text!r} must look like 800x1344 (HxW)')
-    if height < 1 or width < 1:
+        sizes = ()
+    if len(sizes) not in ((2, 3) if batch else (2,)):
+        raise argparse.ArgumentTypeError(f'size {text!r} must look like {example} ({form})')
+    if min(sizes) < 1:
         raise argparse.ArgumentTypeError(f'size {text!r} must be positive')
-    return height, width
+    return (1, *sizes) if batch and len(sizes) == 2 else sizes
 
 
 def positive_int(text: str) -> int:

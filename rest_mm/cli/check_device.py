@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from rest_mm import rest
-from rest_mm.checkpoint import convert_checkpoint
+from rest_mm.cli import errors
 from rest_mm.cli.benchmark import _peak_rss_bytes, _reset_peak_rss, _rss_bytes
 from rest_mm.cli.builders import parse_size
 from rest_mm.cli.precision import cpu_bf16_note
@@ -64,6 +64,7 @@ from rest_mm.fused_attention import MixedHeadAttentionFunction, mixed_head_atten
 from rest_mm.presets import ARCH_ZOOS, PRESET_NAMES, parse_preset_name
 from rest_mm.rest import BACKBONES, EMSA, ResT
 from rest_mm.testing import straightforward
+from rest_mm.weights import convert_checkpoint
 
 REPO = Path(__file__).resolve().parents[2]
 TOY_CONFIG_DIR = REPO / 'configs' / 'toy'
@@ -478,8 +479,8 @@ def train_one_iteration(config: Path, data: Dict[str, str], work_dir: str,
     from mmengine.registry import RUNNERS, init_default_scope
     from mmengine.runner import Runner
 
-    from rest_mm.checkpoint_files import allow_mmengine_checkpoints
     from rest_mm.cli import train
+    from rest_mm.weights.files import allow_mmengine_checkpoints
 
     scope = Config.fromfile(str(config)).default_scope
     argv = [str(config), '--work-dir', work_dir, '--cfg-options',
@@ -602,6 +603,7 @@ def parse_args(argv=None):
     parser.add_argument('--checks', nargs='+', choices=CHECKS, default=list(CHECKS),
                         help='which groups of checks to run (default: all)')
     parser.add_argument('--json', metavar='PATH', help='also write the rows to this file')
+    errors.add_debug_argument(parser)
     args = parser.parse_args(argv)
     unknown = [name for name in args.archs if name.lower() not in PRESET_NAMES]
     if unknown:
@@ -619,7 +621,8 @@ def parse_args(argv=None):
         parser.error(f'--dtypes {" ".join(refused)}: not checked on {args.device}, which is '
                      f'checked in {", ".join(DEVICE_DTYPES[args.device])} (CPU autocast '
                      f'computes in bfloat16)')
-    if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
+    # (a folder that is a file is check_output_path's, below)
+    if args.json and not os.path.exists(os.path.dirname(os.path.abspath(args.json))):
         parser.error(f'--json {args.json}: its folder does not exist')
     if args.json:  # before the checks: a read-only folder, or a folder named like the file
         try:
@@ -642,13 +645,13 @@ def run_checks(args, log: Callable[[str], None]) -> List[Row]:
     return rows
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     if args.device == 'cuda' and not torch.cuda.is_available():
-        print(f'check_device: --device cuda, but CUDA is not available (torch '
-              f'{torch.__version__}, CUDA build: {torch.version.cuda or "no"}); '
-              f'run with --device cpu', file=sys.stderr)
-        sys.exit(2)
+        raise ValueError(f'--device cuda, but CUDA is not available (torch '
+                         f'{torch.__version__}, CUDA build: {torch.version.cuda or "no"}); '
+                         f'run with --device cpu')
 
     def log(message):
         print(message, file=sys.stderr, flush=True)

@@ -14,15 +14,17 @@ from pathlib import Path
 
 import mmcv
 import torch
-from mmengine.config import Config, DictAction
+from mmengine.config import Config
 from rich.progress import track
 
 # Importing rest_mm registers ResT/ResTV2 even if the config forgets custom_imports.
-from rest_mm.checkpoint import check_model_fits, read_checkpoint
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.cli import errors
+from rest_mm.cli.checkpoint_checks import check_model_fits
+from rest_mm.cli.config_overrides import add_override_arguments, apply_overrides
 from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
-from rest_mm.cli.runtime import refuse_output_over_inputs
+from rest_mm.cli.preflight import refuse_output_over_inputs
 from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
+from rest_mm.weights.files import allow_mmengine_checkpoints, read_checkpoint
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
 LIBRARIES = ('mmdet', 'mmseg')
@@ -46,8 +48,8 @@ def parse_args(argv=None):
                         help='detection: lowest score drawn and counted (default 0.3)')
     parser.add_argument('--opacity', type=float, default=0.5,
                         help='segmentation: opacity of the class overlay (default 0.5)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
-                        help='override config entries, e.g. model.test_cfg.mode=whole')
+    add_override_arguments(parser, 'model.test_cfg.mode=whole')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -58,13 +60,13 @@ def list_images(inputs: str):
         images = sorted(p for p in path.iterdir()
                         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
         if not images:
-            raise SystemExit(f'{inputs} holds no image files (looked for '
+            raise ValueError(f'{inputs} holds no image files (looked for '
                              f'{", ".join(IMAGE_SUFFIXES)})')
         return images
     if not path.is_file():
-        raise SystemExit(f'{inputs} is neither an image file nor a folder')
+        raise FileNotFoundError(f'{inputs} is neither an image file nor a folder')
     if path.suffix.lower() not in IMAGE_SUFFIXES:
-        raise SystemExit(f'{inputs} is not an image file (accepted: {", ".join(IMAGE_SUFFIXES)})')
+        raise ValueError(f'{inputs} is not an image file (accepted: {", ".join(IMAGE_SUFFIXES)})')
     return [path]
 
 
@@ -72,14 +74,14 @@ def resolve_device(device):
     if device is None:
         return 'cuda' if torch.cuda.is_available() else 'cpu'
     if device.startswith('cuda') and not torch.cuda.is_available():
-        raise SystemExit(f'--device {device}: this torch build sees no CUDA device; use cpu')
+        raise ValueError(f'--device {device}: this torch build sees no CUDA device; use cpu')
     return device
 
 
 def library_of(cfg: Config) -> str:
     scope = cfg.get('default_scope')
     if scope not in LIBRARIES:
-        raise SystemExit(f'the config has default_scope={scope!r}; the demo runs mmdet '
+        raise ValueError(f'the config has default_scope={scope!r}; the demo runs mmdet '
                          f'(detection) and mmseg (segmentation) configs')
     return scope
 
@@ -97,10 +99,8 @@ def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
     # The Runner's checkpoints pickle training state that torch's weights_only loader
     # refuses unless allowed; the inferencers load with it too.
     allow_mmengine_checkpoints()
-    try:  # verified (zip checksums) and read, tensor data mapped, before the inferencer
-        checkpoint = read_checkpoint(checkpoint_path, mmap=True) if checkpoint_path else None
-    except (FileNotFoundError, RuntimeError) as error:
-        raise SystemExit(str(error))
+    # verified (zip checksums) and read, tensor data mapped, before the inferencer
+    checkpoint = read_checkpoint(checkpoint_path, mmap=True) if checkpoint_path else None
     with warnings.catch_warnings():
         # Both inferencers warn about random weights and fall back to COCO/Cityscapes
         # class names; we say the former ourselves and replace the latter below.
@@ -115,10 +115,7 @@ def build_inferencer(cfg: Config, library: str, checkpoint_path, device: str):
             inferencer.show_progress = False
     if checkpoint is not None:
         # The inferencers load non-strictly and only log what did not fit.
-        try:
-            check_model_fits(inferencer.model, checkpoint, checkpoint_path)
-        except RuntimeError as error:
-            raise SystemExit(str(error))
+        check_model_fits(inferencer.model, checkpoint, checkpoint_path)
     if checkpoint is None or 'dataset_meta' not in checkpoint.get('meta', {}):
         meta = dataset_meta_from_config(cfg)
         inferencer.model.dataset_meta = dict(classes=meta['classes'],
@@ -174,19 +171,17 @@ def predict_and_draw(inferencer, library: str, image: str, options: dict):
     return labels[0], inferencer.visualize([image], [sample], return_vis=True, **options)[0]
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     images = list_images(args.inputs)
-    try:
-        refuse_output_over_inputs(
-            args.out_dir, {'input folder' if Path(args.inputs).is_dir() else 'input image':
-                           args.inputs, 'config': args.config, 'checkpoint': args.checkpoint},
-            '--out-dir', written=[glob.escape(image.name) for image in images])
-        check_output_path(args.out_dir, 'dir', option='--out-dir')
-    except (ValueError, OutputError) as error:
-        raise SystemExit(str(error))
+    refuse_output_over_inputs(
+        args.out_dir, {'input folder' if Path(args.inputs).is_dir() else 'input image':
+                       args.inputs, 'config': args.config, 'checkpoint': args.checkpoint},
+        '--out-dir', written=[glob.escape(image.name) for image in images])
+    check_output_path(args.out_dir, 'dir', option='--out-dir')
     cfg = Config.fromfile(args.config)
-    cfg.merge_from_dict(args.cfg_options)
+    apply_overrides(cfg, args.cfg_options, args.cfg_new_keys, args.config)
     library = library_of(cfg)
     device = resolve_device(args.device)
     if args.checkpoint is None:
@@ -199,7 +194,7 @@ def main(argv=None):
         try:
             dtype = run_network_in_amp(inferencer.model, device_type)
         except ValueError as error:
-            raise SystemExit(f'--amp: {error}')
+            raise ValueError(f'--amp: {error}') from error
         print(f'--amp: the network runs in {dtype} autocast on {device_type}')
         if device_type == 'cpu':
             print(cpu_bf16_note())
@@ -225,7 +220,8 @@ def main(argv=None):
             with atomic_output(str(out_file)) as temporary:
                 mmcv.imwrite(drawn[..., ::-1], temporary)  # visualisers return RGB
         except OutputError as error:
-            raise SystemExit(f'{error} (the pictures before {image.name} are complete)')
+            raise OutputError(error.errno, f'{error} (the pictures before {image.name} are '
+                              'complete)') from error
         print(f'{image.name}: {summarise(library, prediction, classes, args.score_thr)} '
               f'-> {out_file}')
     if failed:

@@ -13,6 +13,7 @@ import argparse
 import copy
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
@@ -20,10 +21,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from rest_mm.checkpoint import load_whole_model
-from rest_mm.cli.builders import build_standalone_backbone, positive_float
-from rest_mm.cli.runtime import refuse_output_over_inputs
-from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
+from rest_mm.cli import errors
+from rest_mm.cli.builders import build_standalone_backbone, parse_size, positive_float
+from rest_mm.cli.checkpoint_checks import load_whole_model
+from rest_mm.cli.preflight import refuse_output_over_inputs
+from rest_mm.cli.safe_files import atomic_output, check_output_path
 from rest_mm.presets import PRESET_NAMES
 from rest_mm.torch_compat import onnx_export_torchscript
 
@@ -41,24 +43,16 @@ def parse_args(argv=None):
     parser.add_argument('--out', required=True, help='the .onnx file to write')
     parser.add_argument('--segmentor', action='store_true',
                         help='export the whole mmseg segmentor of CONFIG, not only its backbone')
-    parser.add_argument('--verify-sizes', nargs='+', default=None, metavar='[Bx]HxW',
+    parser.add_argument('--verify-sizes', nargs='+', default=DEFAULT_SIZES, metavar='[Bx]HxW',
+                        type=partial(parse_size, batch=True),
                         help='sizes to check with onnxruntime, e.g. 224x224 2x200x328 '
                         '(default: 224x224 2x200x328 333x517)')
     parser.add_argument('--no-verify', action='store_true', help='skip the onnxruntime check')
     parser.add_argument('--atol', type=positive_float, default=1e-4,
                         help='accepted difference from PyTorch where float32 rounding is not '
                         'amplified (default 1e-4; see verify())')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
-
-
-def parse_size(text: str) -> Tuple[int, int, int]:
-    """``'HxW'`` or ``'BxHxW'`` as ``(B, H, W)``."""
-    parts = text.lower().split('x')
-    if len(parts) not in (2, 3) or not all(p.isdigit() and int(p) > 0 for p in parts):
-        raise SystemExit(f'--verify-sizes {text}: expected HxW or BxHxW with positive '
-                         f'integers, e.g. 333x517 or 2x200x328')
-    sizes = [int(p) for p in parts]
-    return tuple(sizes) if len(sizes) == 3 else (1, *sizes)
 
 
 class ExportableAdaptiveAvgPool2d(nn.Module):
@@ -124,10 +118,11 @@ def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
     from mmengine.registry import init_default_scope
 
     if not Path(config).is_file():
-        raise SystemExit(f'--segmentor needs an mmseg config file; {config!r} is not a file')
+        raise FileNotFoundError(f'--segmentor needs an mmseg config file; {config!r} is not '
+                                'a file')
     cfg = Config.fromfile(config)
     if cfg.get('default_scope') != 'mmseg' or cfg.model.get('type') != 'EncoderDecoder':
-        raise SystemExit(f'{config}: --segmentor exports mmseg EncoderDecoder configs; this '
+        raise ValueError(f'{config}: --segmentor exports mmseg EncoderDecoder configs; this '
                          f'one has default_scope={cfg.get("default_scope")!r} and model type '
                          f'{cfg.model.get("type")!r}. Detectors are not exported (their '
                          f'outputs need box decoding and NMS outside the network)')
@@ -140,11 +135,8 @@ def build_segmentor(config: str, checkpoint) -> Tuple[nn.Module, str]:
     if checkpoint is None:
         description += ', random weights'
     else:
-        try:
-            load_whole_model(segmentor, checkpoint)
-        except (RuntimeError, FileNotFoundError) as error:
-            raise SystemExit(f'{checkpoint} does not load into the segmentor of {config} '
-                             f'(a whole-segmentor checkpoint is needed): {error}')
+        load_whole_model(segmentor, checkpoint, f'the segmentor of {config} (a '
+                         f'whole-segmentor checkpoint is needed)')
         description += f', weights {Path(checkpoint).name}'
     return segmentor.eval(), description
 
@@ -211,17 +203,13 @@ def verify(model: nn.Module, onnx_file: str, sizes, atol: float) -> List[dict]:
     return rows
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     if not args.out.endswith('.onnx'):
-        raise SystemExit(f'--out {args.out}: name a .onnx file')
-    try:
-        refuse_output_over_inputs(args.out, {'config': args.config_or_arch,
-                                             'checkpoint': args.checkpoint}, '--out')
-    except ValueError as error:
-        raise SystemExit(str(error))
-    sizes = DEFAULT_SIZES if args.verify_sizes is None else [parse_size(s) for s in
-                                                             args.verify_sizes]
+        raise ValueError(f'--out {args.out}: name a .onnx file')
+    refuse_output_over_inputs(args.out, {'config': args.config_or_arch,
+                                         'checkpoint': args.checkpoint}, '--out')
     if args.segmentor:
         segmentor, description = build_segmentor(args.config_or_arch, args.checkpoint)
         swapped = make_pooling_exportable(segmentor)
@@ -229,23 +217,17 @@ def main(argv=None):
         if swapped:
             description += f' ({swapped} adaptive pools made exportable)'
     else:
-        try:
-            model, description = build_standalone_backbone(args.config_or_arch,
-                                                           args.checkpoint)
-        except (ValueError, KeyError, RuntimeError, FileNotFoundError) as error:
-            raise SystemExit(str(error))  # a wrong name, config or checkpoint: it says which
+        model, description = build_standalone_backbone(args.config_or_arch, args.checkpoint)
         output_names = [f'stage{i + 1}' for i in model.out_indices]
 
     weight_bytes = sum(t.numel() * t.element_size()
                        for t in [*model.parameters(), *model.buffers()])
-    try:  # the file holds the weights (float32) and a small graph
-        check_output_path(args.out, 'file', needed_bytes=weight_bytes, option='--out')
-        # Exported and verified under a temporary name: a kill, a full disk or a failed check
-        # leaves the previous file at --out as it was.
-        with atomic_output(args.out, 'export ONNX to') as temporary:
-            export_and_verify(model, output_names, description, temporary, args, sizes)
-    except OutputError as error:
-        raise SystemExit(str(error))
+    # the file holds the weights (float32) and a small graph
+    check_output_path(args.out, 'file', needed_bytes=weight_bytes, option='--out')
+    # Exported and verified under a temporary name: a kill, a full disk or a failed check
+    # leaves the previous file at --out as it was.
+    with atomic_output(args.out, 'export ONNX to') as temporary:
+        export_and_verify(model, output_names, description, temporary, args, args.verify_sizes)
 
 
 def export_and_verify(model: nn.Module, output_names: List[str], description: str,

@@ -13,13 +13,11 @@ Examples::
     python tools/get_flops.py --no-configs            # backbones only
     python tools/get_flops.py --configs configs/segmentation/upernet_restv2_tiny_ade20k.py
 
-The published ResTv2 FLOPs (and the UperNet ResTv2s') agree with this count to
-rounding. The published ResT (v1) FLOPs are 7-10 % below it; our count without the
-attention products (``q·kᵀ``, ``attn·v``) and the stem's stride-1 ``conv2``, which the
-authors' count appears to leave out, comes within 0.06 G of them: the column
-"pub. convention" shows that figure. The complete count is the one to compare with other
-backbones. The configs' published figures are read from the model index
-(``configs/*/metafile.yml``).
+The column "pub. convention" leaves out what the authors' ResT (v1) count appears to
+leave out (the attention products ``q·kᵀ``, ``attn·v`` and the stem's stride-1 ``conv2``),
+for comparison with their table; the complete count is the one to compare with other
+backbones (docs/performance.md, "Parameters and FLOPs", has the figures). The configs'
+published figures are read from the model index (``configs/*/metafile.yml``).
 """
 import argparse
 import sys
@@ -29,7 +27,7 @@ from typing import Dict, List, Optional, Tuple
 import torch
 from torch import nn
 
-from rest_mm.cli import model_index
+from rest_mm.cli import errors, model_index
 from rest_mm.cli.builders import build_config_model, build_ours, data_samples, parse_size
 from rest_mm.presets import PRESET_NAMES
 
@@ -109,9 +107,16 @@ def parse_args(argv=None):
     parser.add_argument('--no-configs', action='store_true', help='count the backbones only')
     parser.add_argument('--config-size', type=parse_size, default=None,
                         help='override the standard test size HxW for config models')
-    return parser.parse_args(argv)
+    errors.add_debug_argument(parser)
+    args = parser.parse_args(argv)
+    # before any counting: a missing file would otherwise stop the run after the backbones
+    for path in args.configs or ():
+        if not Path(path).is_file():
+            parser.error(f'--configs {path}: no such config file')
+    return args
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     size = f'{args.size[0]}x{args.size[1]}'
@@ -139,8 +144,6 @@ def main(argv=None):
     print('\n| config | input H×W | params M | GFLOPs | published GFLOPs |')
     print('|---|---|---|---|---|')
     for path in configs:
-        if not Path(path).is_file():
-            raise FileNotFoundError(f'config {path!r} does not exist')
         print(f'  counting {path}', file=sys.stderr, flush=True)
         r = config_flops(path, args.config_size)
         published = (model_index.flops(index[Path(path).stem], published=True)

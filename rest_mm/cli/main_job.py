@@ -13,14 +13,16 @@ import os.path as osp
 import time
 from pathlib import Path
 
-from mmengine.config import DictAction
+from mmengine.config import Config
 from mmengine.runner import Runner
 
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
+from rest_mm.cli import errors
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
-from rest_mm.cli.safe_files import OutputError, atomic_open, check_output_path, lock_work_dir
+from rest_mm.cli.config_overrides import add_override_arguments, apply_overrides, option_texts
+from rest_mm.cli.safe_files import atomic_open, check_output_path, lock_work_dir
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
+from rest_mm.weights.files import allow_mmengine_checkpoints
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG = str(REPO / 'configs' / 'toy' / 'retinanet_rest_small_toy.py')
@@ -35,8 +37,9 @@ def parse_args(argv=None):
     parser.add_argument('--epochs', type=int,
                         help='train this many epochs instead of the config\'s (the learning-'
                         'rate schedule, validation and checkpoint follow)')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction, default={},
-                        help='override settings of configs/toy/retinanet_rest_small_toy.py')
+    add_override_arguments(parser, 'optim_wrapper.optimizer.lr=0.02 (settings of '
+                           'configs/toy/retinanet_rest_small_toy.py)')
+    errors.add_debug_argument(parser)
     args = parser.parse_args(argv)
     if args.epochs is not None and args.epochs < 1:
         parser.error(f'--epochs must be at least 1, got {args.epochs}')
@@ -53,30 +56,34 @@ def _banner(text: str):
     print(f'\n==== {text}', flush=True)
 
 
+@errors.handled
 def main(argv=None) -> dict:
     args = parse_args(argv)
     started = time.time()
+    # --cfg-options checked before any work (train's own check comes after the toy data)
+    apply_overrides(Config.fromfile(CONFIG), args.cfg_options, args.cfg_new_keys, CONFIG)
     allow_mmengine_checkpoints()
-    try:  # before any work: a writable work dir that no other live run holds
-        check_output_path(args.work_dir, 'dir', option='--work-dir')
-        lock_work_dir(args.work_dir, 'tools/main_job.py')
-    except OutputError as error:
-        raise SystemExit(str(error))
+    # before any work: a writable work dir that no other live run holds
+    check_output_path(args.work_dir, 'dir', option='--work-dir')
+    lock_work_dir(args.work_dir, 'tools/main_job.py')
 
     _banner(f'1/4 toy data under {args.data_root}/')
     data = generate_toy_datasets(args.data_root, ToyDataSpec())
     print('generated' if data['generated'] == 'yes' else 'already there', flush=True)
     data_root = osp.join(data['coco'], '')
-    overrides = {
+    settings = {
         'train_dataloader.dataset.data_root': data_root,
         'val_dataloader.dataset.data_root': data_root,
         'test_dataloader.dataset.data_root': data_root,
         'val_evaluator.ann_file': osp.join(data_root, 'annotations', 'instances_val.json'),
         'test_evaluator.ann_file': osp.join(data_root, 'annotations', 'instances_val.json'),
-        **(_schedule_overrides(args.epochs) if args.epochs else {}),
-        **args.cfg_options}
-    cli = [CONFIG, '--work-dir', args.work_dir, '--cfg-options'] + [
-        f'{key}={value}' for key, value in overrides.items()]
+        **(_schedule_overrides(args.epochs) if args.epochs else {})}
+    # the user's options after ours: a later one wins
+    overrides = [f'{key}={value}' for key, value in settings.items()] + option_texts(
+        args.cfg_options)
+    cli = [CONFIG, '--work-dir', args.work_dir, '--cfg-options', *overrides]
+    if args.cfg_new_keys:
+        cli += ['--cfg-new-keys', *args.cfg_new_keys]
     cfg = train_tool.build_config(train_tool.parse_args(cli))
 
     _banner('2/4 evaluating the untrained model (the baseline)')
@@ -101,8 +108,8 @@ def main(argv=None) -> dict:
     _banner(f'4/4 testing {checkpoint}, pictures of the predictions')
     pictures = osp.abspath(osp.join(args.work_dir, 'pictures'))
     test_cli = [CONFIG, checkpoint, '--work-dir', args.work_dir, '--show-dir', pictures,
-                '--cfg-options'] + [f'{key}={value}' for key, value in overrides.items()] + [
-                    'experiment_name=test']
+                '--cfg-options', *overrides, 'experiment_name=test',
+                '--cfg-new-keys', 'experiment_name', *args.cfg_new_keys]
     trained = test_tool.main(test_cli)
 
     results = dict(untrained={k: untrained[k] for k in METRICS},

@@ -16,11 +16,11 @@ import argparse
 import re
 import sys
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Tuple
 
 import yaml
 
-from rest_mm.cli import model_index
+from rest_mm.cli import errors, model_index
 from rest_mm.cli.safe_files import atomic_open
 
 REPO = model_index.REPO
@@ -95,28 +95,34 @@ def _released(task: str) -> List[dict]:
     return [m for m in model_index.models() if 'Weights' in m and m['Config'].startswith(task)]
 
 
+def _results_table(task: str, columns: List[Tuple[str, Callable[[dict], str]]]) -> List[str]:
+    """One row per released model of ``task`` (a config folder): name, config, iterations,
+    then ``columns`` (header, cell of a model entry), then the download link."""
+    headers = ['model', 'config', 'iterations'] + [h for h, _ in columns] + ['download']
+    lines = ['| ' + ' | '.join(headers) + ' |', '|' + '---|' * len(headers)]
+    for m in _released(f'configs/{task}/'):
+        cells = [model_title(m['Name']), f'`{m["Config"]}`', _iterations(m)]
+        cells += [cell(m) for _, cell in columns] + [f'[baidu]({m["Weights"]})']
+        lines.append('| ' + ' | '.join(cells) + ' |')
+    return lines
+
+
+def _published_params(m: dict) -> str:
+    return f'{model_index.parameters(m, published=True):g} M'
+
+
 def detection_results() -> List[str]:
     """The authors' released detectors: COCO val2017 AP, published size, download."""
-    lines = ['| model | config | iterations | box AP | mask AP | params | download |',
-             '|---|---|---|---|---|---|---|']
-    for m in _released('configs/detection/'):
-        lines.append(f'| {model_title(m["Name"])} | `{m["Config"]}` | {_iterations(m)} | '
-                     f'{_metric(m, "box AP")} | {_metric(m, "mask AP")} | '
-                     f'{model_index.parameters(m, published=True):g} M | '
-                     f'[baidu]({m["Weights"]}) |')
-    return lines
+    return _results_table('detection', [('box AP', lambda m: _metric(m, 'box AP')),
+                                        ('mask AP', lambda m: _metric(m, 'mask AP')),
+                                        ('params', _published_params)])
 
 
 def segmentation_results() -> List[str]:
     """The authors' released segmentors: ADE20K val mIoU, published size and FLOPs."""
-    lines = ['| model | config | iterations | mIoU (ms+flip) | params | FLOPs | download |',
-             '|---|---|---|---|---|---|---|']
-    for m in _released('configs/segmentation/'):
-        lines.append(f'| {model_title(m["Name"])} | `{m["Config"]}` | {_iterations(m)} | '
-                     f'{_metric(m, "mIoU(ms+flip)")} | '
-                     f'{model_index.parameters(m, published=True):g} M | '
-                     f'{model_index.flops(m, published=True):g} G | [baidu]({m["Weights"]}) |')
-    return lines
+    return _results_table('segmentation', [
+        ('mIoU (ms+flip)', lambda m: _metric(m, 'mIoU(ms+flip)')), ('params', _published_params),
+        ('FLOPs', lambda m: f'{model_index.flops(m, published=True):g} G')])
 
 
 def evaluation_commands() -> List[str]:
@@ -205,9 +211,11 @@ def parse_args(argv=None):
                                      epilog=__doc__.split('\n', 1)[1])
     parser.add_argument('--check', action='store_true',
                         help='write nothing; exit with status 1 if a page is stale')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     stale = stale_pages(REPO)

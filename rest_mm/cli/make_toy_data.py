@@ -5,7 +5,8 @@ Up-to-date data (same arguments) is left alone unless ``--force`` is given.
 import argparse
 from dataclasses import fields
 
-from rest_mm.cli.safe_files import OutputError, check_output_path
+from rest_mm.cli import errors
+from rest_mm.cli.safe_files import check_output_path
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 
 
@@ -19,16 +20,15 @@ def parse_args(argv=None):
                             default=getattr(defaults, field.name),
                             help=f'default: {getattr(defaults, field.name)}')
     parser.add_argument('--force', action='store_true', help='regenerate even if up to date')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
-    try:
-        spec = ToyDataSpec(**{f.name: getattr(args, f.name) for f in fields(ToyDataSpec)})
-        check_output_path(args.out_dir, 'dir', option='--out-dir')
-    except (ValueError, OutputError) as error:
-        raise SystemExit(f'make_toy_data: {error}')
+    spec = ToyDataSpec(**{f.name: getattr(args, f.name) for f in fields(ToyDataSpec)})
+    check_output_path(args.out_dir, 'dir', option='--out-dir')
     result = generate_toy_datasets(args.out_dir, spec, force=args.force)
     state = 'generated' if result['generated'] == 'yes' else 'already up to date'
     print(f'toy data {state}: {result["coco"]} (COCO, {spec.num_train} train / {spec.num_val} '

@@ -61,28 +61,12 @@ def _metadata_number(model: dict, quantity: str, unit: str, published: bool) -> 
 
 
 def parameters(model: dict, published: bool = False) -> Optional[float]:
-    """A model's parameter count in millions.
-
-    Args:
-        model (dict): An entry of :func:`models`.
-        published (bool): The authors' published figure instead of this repo's count.
-            Defaults to False.
-
-    Returns:
-        float | None: Millions of parameters; None where the authors published none.
-    """
+    """Millions of parameters of ``model`` (an entry of :func:`models`): this repo's count,
+    or with ``published`` the authors' figure (None where they published none)."""
     return _metadata_number(model, 'Parameters', 'M', published)
 
 
 def flops(model: dict, published: bool = False) -> Optional[float]:
-    """A model's FLOPs (multiply-accumulates) in G at its standard test size.
-
-    Args:
-        model (dict): An entry of :func:`models`.
-        published (bool): The authors' published figure instead of this repo's count.
-            Defaults to False.
-
-    Returns:
-        float | None: GFLOPs; None where the authors published none.
-    """
+    """GFLOPs (multiply-accumulates) of ``model`` at its standard test size, as
+    :func:`parameters` gives its size."""
     return _metadata_number(model, 'FLOPs', 'G', published)

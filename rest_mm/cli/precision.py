@@ -1,9 +1,34 @@
 """Whether this machine's CPU computes bfloat16 natively, and mixed precision (``--amp``) for
 the tools that offer it."""
 import functools
+import platform
 from typing import Callable, List
 
 import torch
+
+
+def _cpuinfo_values(key: str, cpuinfo: str) -> List[str]:
+    """The values of ``key`` in ``cpuinfo`` (one per logical CPU); empty where the file
+    cannot be read (another OS)."""
+    try:
+        with open(cpuinfo) as f:
+            return [line.split(':', 1)[1].strip() for line in f
+                    if line.split(':', 1)[0].strip() == key]
+    except OSError:
+        return []
+
+
+def cpu_model_name(cpuinfo: str = '/proc/cpuinfo') -> str:
+    """The CPU's model name, from ``cpuinfo`` (Linux) or the platform module.
+
+    Args:
+        cpuinfo (str): The file listing the CPU. Defaults to ``'/proc/cpuinfo'``.
+
+    Returns:
+        str: The name, or ``'unknown CPU'``.
+    """
+    names = _cpuinfo_values('model name', cpuinfo)
+    return names[0] if names else (platform.processor() or 'unknown CPU')
 
 
 def native_bf16_flags(cpuinfo: str = '/proc/cpuinfo') -> List[str]:
@@ -21,14 +46,7 @@ def native_bf16_flags(cpuinfo: str = '/proc/cpuinfo') -> List[str]:
         list[str]: The flags found; empty where there are none or the file cannot be
         read (another OS), i.e. where native bfloat16 is not known to be there.
     """
-    try:
-        with open(cpuinfo) as f:
-            flags = set()
-            for line in f:
-                if line.startswith('flags'):
-                    flags.update(line.split(':', 1)[1].split())
-    except OSError:
-        return []
+    flags = {flag for line in _cpuinfo_values('flags', cpuinfo) for flag in line.split()}
     return [flag for flag in ('amx_bf16', 'avx512_bf16') if flag in flags]
 
 

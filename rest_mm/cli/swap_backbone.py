@@ -29,14 +29,14 @@ import copy
 import importlib.util
 import os.path as osp
 import pprint
-import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 from mmengine.config import Config
 
+from rest_mm.cli import errors
 from rest_mm.cli.builders import build_config_model
-from rest_mm.cli.safe_files import OutputError, atomic_output
+from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.presets import NUM_STAGES, PRESET_NAMES, parse_preset_name, resolve_arch
 
 STAGE_STRIDES = tuple(4 * 2**i for i in range(NUM_STAGES))
@@ -60,7 +60,7 @@ REFUSED_TYPES = {
 }
 
 
-class Refused(Exception):
+class Refused(errors.UserError):
     """The config cannot take a ResT: the message is one line saying why."""
 
 
@@ -76,6 +76,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument('--checkpoint', help='ImageNet (or converted) weights for the backbone, '
                         "written as init_cfg=dict(type='Pretrained', checkpoint=...); without "
                         'it the backbone starts from random weights')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
@@ -424,6 +425,10 @@ def swap(config: str, preset: str, out: str, checkpoint: Optional[str] = None) -
     out_dir = osp.dirname(osp.abspath(out))
     if not osp.isdir(out_dir):
         raise Refused(f'{out}: the folder {out_dir} does not exist')
+    try:  # before the work (building and running the derived model): a writable file
+        check_output_path(out, 'file', option='-o')
+    except OutputError as error:
+        raise Refused(str(error)) from error
     try:
         cfg = Config.fromfile(path)
     except Exception as error:
@@ -445,15 +450,12 @@ def swap(config: str, preset: str, out: str, checkpoint: Optional[str] = None) -
                       + f' run on a {PROBE_SIZE}x{PROBE_SIZE} input']
 
 
+@errors.handled
 def main(argv=None):
     """Command-line entry: prints what changed, or exits with status 2 and one line saying
-    why the config was refused."""
+    why the config was refused (:mod:`rest_mm.cli.errors`)."""
     args = parse_args(argv)
-    try:
-        changes = swap(args.config, args.arch, args.out, args.checkpoint)
-    except Refused as refusal:
-        print(f'swap_backbone: refused: {refusal}', file=sys.stderr)
-        raise SystemExit(2) from None
+    changes = swap(args.config, args.arch, args.out, args.checkpoint)
     for line in changes:
         print(f'  {line}')
     print(f'wrote {args.out}')

@@ -13,21 +13,18 @@ import os.path as osp
 import torch
 from mmengine.config import Config
 from mmengine.logging import print_log
-from mmengine.registry import RUNNERS, init_default_scope
-from mmengine.runner import Runner
 
-from rest_mm.checkpoint import check_model_fits, read_checkpoint
-from rest_mm.checkpoint_files import allow_mmengine_checkpoints
-from rest_mm.cli import runtime, safe_files
+from rest_mm.cli import errors, preflight, runner_setup, safe_files
+from rest_mm.cli.checkpoint_checks import check_model_fits, check_preprocessing
 from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
-from rest_mm.detectron2 import check_preprocessing
+from rest_mm.weights.files import allow_mmengine_checkpoints, read_checkpoint
 
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description='Test (and evaluate) an mmdet or mmseg model')
-    runtime.add_runner_arguments(parser, 'test', 'the file containing the metrics',
-                                 'load', 'auxiliary_head.',
-                                 'test_dataloader.batch_size=4')
+    runner_setup.add_runner_arguments(parser, 'test', 'the file containing the metrics',
+                                      'load', 'auxiliary_head.',
+                                      'test_dataloader.batch_size=4')
     parser.add_argument('checkpoint', help='checkpoint file')
     parser.add_argument('--out', help='also dump the predictions to this .pkl file')
     parser.add_argument('--show', action='store_true', help='show predictions in a window')
@@ -42,7 +39,8 @@ def parse_args(argv=None):
                         help='mixed precision: the model runs under autocast, bfloat16 on a CPU '
                         '(fast only where it has amx_bf16 or avx512_bf16; the tool says '
                         'which), float16 on CUDA; post-processing and evaluation in float32')
-    args = runtime.parse_runner_arguments(parser, argv)
+    errors.add_debug_argument(parser)
+    args = runner_setup.parse_runner_arguments(parser, argv)
     if args.out is not None and not args.out.endswith(('.pkl', '.pickle')):
         parser.error(f'--out must name a .pkl file, got {args.out!r}')
     return args
@@ -66,14 +64,14 @@ def _show_predictions(cfg: Config, args):
 
 def _refuse_outputs_over_inputs(cfg: Config, args):
     inputs = {'config': args.config, 'checkpoint': args.checkpoint,
-              **runtime.dataset_inputs(cfg, ['test_dataloader'])}
-    runtime.refuse_output_over_inputs(args.out, inputs, '--out')
+              **preflight.dataset_inputs(cfg, ['test_dataloader'])}
+    preflight.refuse_output_over_inputs(args.out, inputs, '--out')
     # mmdet puts a relative --show-dir under the run's new timestamped folder
     if args.show_dir and (cfg.default_scope != 'mmdet' or osp.isabs(args.show_dir)):
-        runtime.refuse_output_over_inputs(args.show_dir, inputs, '--show-dir')
+        preflight.refuse_output_over_inputs(args.show_dir, inputs, '--show-dir')
     # The Runner copies the config into the work dir; the rest goes to a new folder.
-    runtime.refuse_output_over_inputs(cfg.work_dir, inputs, 'work dir',
-                                      written=[osp.basename(args.config)])
+    preflight.refuse_output_over_inputs(cfg.work_dir, inputs, 'work dir',
+                                        written=[osp.basename(args.config)])
 
 
 def _use_tta(cfg: Config, config_path: str):
@@ -107,52 +105,48 @@ def _check_outputs(cfg: Config, args):
 
 
 def build_config(args) -> Config:
-    cfg = runtime.load_config(args.config, args.launcher, args.cfg_options, args.work_dir)
-    runtime.check_checkpoint(args.checkpoint)
+    cfg = runner_setup.load_config(args.config, args.launcher, args.cfg_options,
+                                   args.work_dir, args.cfg_new_keys)
+    preflight.check_checkpoint(args.checkpoint)
     cfg.load_from = args.checkpoint
     if args.tta:
         _use_tta(cfg, args.config)
     if args.show or args.show_dir:
         _show_predictions(cfg, args)
-    runtime.check_datasets(cfg, ['test_dataloader'])
+    preflight.check_datasets(cfg, ['test_dataloader'])
     _refuse_outputs_over_inputs(cfg, args)
     _check_outputs(cfg, args)
-    runtime.write_test_metrics_from_rank_zero(cfg)
-    return runtime.adapt_config_to_device(cfg, args.launcher)
+    runner_setup.write_test_metrics_from_rank_zero(cfg)
+    return runner_setup.adapt_config_to_device(cfg, args.launcher)
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     allow_mmengine_checkpoints()
-    try:
-        cfg = build_config(args)
-        checkpoint = read_checkpoint(args.checkpoint, mmap=True)  # verified; data mapped
-        meta = checkpoint.get('meta') or {}
-        if meta.get('source') == 'detectron2':  # the authors' detectors: their input format
-            check_preprocessing(cfg, meta)
-    except (FileNotFoundError, ValueError, RuntimeError, safe_files.OutputError) as error:
-        raise SystemExit(f'tools/test.py: {error}')
-    runtime.init_distributed(cfg, args.launcher)
-    with runtime.removed_if_start_fails(cfg.work_dir, osp.basename(args.config)) as started:
-        if 'runner_type' in cfg:
-            init_default_scope(cfg.default_scope)
-            runner = RUNNERS.build(cfg)
-        else:
-            runner = Runner.from_cfg(cfg)
-        runner.register_hook(started)
+    cfg = build_config(args)
+    checkpoint = read_checkpoint(args.checkpoint, mmap=True)  # verified; data mapped
+    if not args.allow_non_finite:
+        preflight.check_checkpoint_finite(checkpoint, args.checkpoint)
+    meta = checkpoint.get('meta') or {}
+    if meta.get('source') == 'detectron2':  # the authors' detectors: their input format
+        check_preprocessing(cfg, meta)
+    runner_setup.init_distributed(cfg, args.launcher)
+    with runner_setup.removed_if_start_fails(cfg.work_dir, osp.basename(args.config)) as started:
+        runner = runner_setup.build_runner(cfg, [started])
         try:
             check_model_fits(_tested_model(runner.model), checkpoint, args.checkpoint,
                              args.allow_missing)
         except RuntimeError as error:
-            raise SystemExit(f'tools/test.py: {error} To test a partly initialised model on '
-                             f'purpose, name the parts: --allow-missing PREFIX ...')
+            raise errors.UserError(f'{error} To test a partly initialised model on purpose, '
+                                   f'name the parts: --allow-missing PREFIX ...') from error
         del checkpoint
         if args.amp:
             device = 'cuda' if torch.cuda.is_available() else 'cpu'
             try:
                 dtype = run_network_in_amp(_tested_model(runner.model), device)
             except ValueError as error:
-                raise SystemExit(f'tools/test.py: --amp: {error}')
+                raise ValueError(f'--amp: {error}') from error
             print_log(f'--amp: the network runs in {dtype} autocast on {device}',
                       logger='current')
             if device == 'cpu':
@@ -165,5 +159,5 @@ def main(argv=None):
             runner.test_evaluator.metrics.append(
                 safe_files.written_atomically(DumpResults(out_file_path=args.out)))
         metrics = runner.test()
-    runtime.close_distributed()
+    runner_setup.close_distributed()
     return metrics

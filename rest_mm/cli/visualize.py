@@ -7,17 +7,18 @@ applied, its instance norm left out so that the map stays a probability distribu
 """
 import argparse
 from pathlib import Path
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import matplotlib
 import mmcv
 import numpy as np
 import torch
 
+from rest_mm.cli import errors
 from rest_mm.cli.builders import build_standalone_backbone, positive_int
-from rest_mm.cli.runtime import refuse_output_over_inputs
-from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
-from rest_mm.presets import PRESET_NAMES
+from rest_mm.cli.preflight import refuse_output_over_inputs
+from rest_mm.cli.safe_files import atomic_output, check_output_path
+from rest_mm.presets import NUM_STAGES, PRESET_NAMES
 
 matplotlib.use('Agg')  # files only; no display is needed or wanted
 import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
@@ -26,6 +27,10 @@ import matplotlib.pyplot as plt  # noqa: E402  (after choosing the backend)
 MEAN = (123.675, 116.28, 103.53)
 STD = (58.395, 57.12, 57.375)
 STAGE_STRIDES = (4, 8, 16, 32)
+# Each panel is PANEL inches wide and at most MAX_PANEL_ASPECT times as tall (at least
+# 1/MAX_PANEL_ASPECT): a thin image is stretched to that shape rather than making the
+# figure as tall as its aspect ratio (a 5x300 image gave a 1408x63492 px figure).
+PANEL, MAX_PANEL_ASPECT = 3.2, 2.0
 
 
 def parse_args(argv=None):
@@ -42,21 +47,49 @@ def parse_args(argv=None):
                         help='longer side the image is shrunk to if larger (default 1024); '
                         'the model itself takes any size')
     parser.add_argument('--device', default='cpu', help='e.g. cpu or cuda (default cpu)')
+    errors.add_debug_argument(parser)
     return parser.parse_args(argv)
 
 
-def load_image(path: str, max_size: int) -> Tuple[np.ndarray, float]:
+def load_image(path: str, max_size: int) -> Tuple[np.ndarray, Tuple[int, int]]:
     """The image as RGB ``uint8``, shrunk so its longer side is at most ``max_size``,
-    and the factor it was shrunk by."""
+    and its original size ``(width, height)``."""
     if not Path(path).is_file():
-        raise SystemExit(f'{path} could not be read: there is no such file')
+        raise FileNotFoundError(f'{path} could not be read: there is no such file')
     image = mmcv.imread(path, channel_order='rgb')
     if image is None:
-        raise SystemExit(f'{path} could not be read as an image')
+        raise ValueError(f'{path} could not be read as an image')
+    original = (image.shape[1], image.shape[0])
     scale = min(1.0, max_size / max(image.shape[:2]))
     if scale < 1.0:
         image = mmcv.imrescale(image, scale)
-    return image, scale
+    return image, original
+
+
+def query_in_image(query: Optional[Sequence[int]], original: Tuple[int, int],
+                   shown: Tuple[int, int]) -> Tuple[int, int]:
+    """The ``--query`` pixel of the original image as a pixel of the shown (shrunk) one.
+
+    Args:
+        query (Sequence[int], optional): ``(x, y)`` in the original image; None for its
+            centre.
+        original (tuple): The original image's ``(width, height)``.
+        shown (tuple): The shrunk image's ``(width, height)``. Each side is rounded to
+            whole pixels, so the two sides of a thin image shrink by different factors.
+
+    Returns:
+        tuple: ``(x, y)`` in the shown image.
+
+    Raises:
+        ValueError: when ``query`` lies outside the original image.
+    """
+    if query is None:
+        return shown[0] // 2, shown[1] // 2
+    if not all(0 <= q < size for q, size in zip(query, original)):
+        raise ValueError(f'--query {query[0]} {query[1]} lies outside the '
+                         f'{original[0]}×{original[1]} image (X in 0..{original[0] - 1}, '
+                         f'Y in 0..{original[1] - 1})')
+    return tuple(min(q * new // old, new - 1) for q, old, new in zip(query, original, shown))
 
 
 def to_input(image: np.ndarray, device: str) -> torch.Tensor:
@@ -67,7 +100,7 @@ def to_input(image: np.ndarray, device: str) -> torch.Tensor:
 
 def positional_encodings(model) -> List[torch.nn.Module]:
     """The ``PA`` module of each stage: the stem's, then each patch embedding's."""
-    return [model.stem.pos] + [model.stages[i].downsample.pos for i in range(1, 4)]
+    return [model.stem.pos] + [model.stages[i].downsample.pos for i in range(1, NUM_STAGES)]
 
 
 def attention_probabilities(attn, x: torch.Tensor, query_index=None):
@@ -147,16 +180,16 @@ def draw(image: np.ndarray, stages: List[dict], query_pixel: Tuple[int, int],
     rows = (('energy', 'feature energy ‖x‖₂', 'inferno'),
             ('gate', 'PA gate σ(dwconv(x)), mean over C', 'viridis'),
             ('attention', 'attention of + over reduced keys', 'magma'))
-    panel = 3.2
-    figsize = (panel * len(stages), panel * len(rows) * height / width + 1.2)
+    aspect = min(max(height / width, 1 / MAX_PANEL_ASPECT), MAX_PANEL_ASPECT)
+    figsize = (PANEL * len(stages), PANEL * len(rows) * aspect + 1.2)
     fig, axes = plt.subplots(len(rows), len(stages), squeeze=False, figsize=figsize)
     for r, (key, label, cmap) in enumerate(rows):
         for s, stage in enumerate(stages):
             ax = axes[r][s]
             values = stage[key]
-            ax.imshow(image, extent=extent)
+            ax.imshow(image, extent=extent, aspect='auto')  # fills the panel's box
             shown = ax.imshow(values, cmap=cmap, alpha=0.6, extent=extent,
-                              interpolation='nearest')
+                              interpolation='nearest', aspect='auto')
             fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
             ax.set_title(f'stage {s + 1} {label}\n{values.shape[0]}×{values.shape[1]} map, '
                          f'{values.min():.3g}..{values.max():.3g}', fontsize=7)
@@ -171,39 +204,22 @@ def draw(image: np.ndarray, stages: List[dict], query_pixel: Tuple[int, int],
     plt.close(fig)
 
 
+@errors.handled
 def main(argv=None):
     args = parse_args(argv)
     if not args.out.lower().endswith('.png'):
-        raise SystemExit(f'--out {args.out}: the figure is written as PNG; name a .png file')
-    try:
-        refuse_output_over_inputs(args.out, {'image': args.image, 'config': args.config_or_arch,
-                                             'checkpoint': args.checkpoint}, '--out')
-        check_output_path(args.out, 'file', option='--out')
-    except (ValueError, OutputError) as error:
-        raise SystemExit(str(error))
-    image, scale = load_image(args.image, args.max_size)
+        raise ValueError(f'--out {args.out}: the figure is written as PNG; name a .png file')
+    refuse_output_over_inputs(args.out, {'image': args.image, 'config': args.config_or_arch,
+                                         'checkpoint': args.checkpoint}, '--out')
+    check_output_path(args.out, 'file', option='--out')
+    image, original = load_image(args.image, args.max_size)
     height, width = image.shape[:2]
-    if args.query is None:
-        query = (width // 2, height // 2)
-    else:
-        original = (round(width / scale), round(height / scale))
-        if not (0 <= args.query[0] < original[0] and 0 <= args.query[1] < original[1]):
-            raise SystemExit(f'--query {args.query[0]} {args.query[1]} lies outside the '
-                             f'{original[0]}×{original[1]} image (X in 0..{original[0] - 1}, '
-                             f'Y in 0..{original[1] - 1})')
-        query = (min(int(args.query[0] * scale), width - 1),
-                 min(int(args.query[1] * scale), height - 1))
-    try:
-        model, description = build_standalone_backbone(args.config_or_arch, args.checkpoint)
-    except (ValueError, KeyError, RuntimeError, FileNotFoundError) as error:
-        raise SystemExit(str(error))  # a wrong name, config or checkpoint: the message says which
+    query = query_in_image(args.query, original, (width, height))
+    model, description = build_standalone_backbone(args.config_or_arch, args.checkpoint)
     model.to(args.device)
     stages = inspect(model, to_input(image, args.device), query)
-    try:
-        draw(image, stages, query,
-             f'{description}; input {width}×{height}; query pixel {query}', args.out)
-    except OutputError as error:  # a full disk: one line, and no partial PNG
-        raise SystemExit(str(error))
+    draw(image, stages, query,
+         f'{description}; input {width}×{height}; query pixel {query}', args.out)
     print(f'{args.out}: {description}, input {width}×{height}')
 
 

@@ -1,9 +1,10 @@
-"""rest_mm.conversion: one entry point that recognises each released layout. The whole-model
-kinds are tested in depth in test_detectron2.py and test_mmseg0x.py; here, the dispatch."""
+"""rest_mm.weights: one entry point that recognises each released layout. The whole-model
+kinds are tested in depth in test_weights_detectron2.py and test_weights_mmseg0x.py; here,
+the dispatch."""
 import pytest
 import torch
 
-from rest_mm.conversion import convert_released
+from rest_mm.weights import convert_released
 
 from testlib import REFERENCE_BY_NAME, load_reference
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from rest_mm import ResT, ResTV2, convert_checkpoint, load_pretrained
-from rest_mm.checkpoint import check_model_fits, load_converted_state_dict
 from rest_mm.presets import PRESET_NAMES, parse_preset_name
 from rest_mm.rest import BACKBONES
+from rest_mm.weights.backbone import convert_model_backbone, load_converted_state_dict
 
 from testlib import randomised_detection_backbone
 
@@ -198,50 +198,6 @@ def test_weights_of_another_model_are_named_as_such():
     assert 'None' not in str(info.value) and 'conv1.weight' in str(info.value)
 
 
-# ---------------------------------------------------------------------------------------
-# Whole models (tools/test.py, train.py, demo.py, export_onnx.py): one strict check.
-# ---------------------------------------------------------------------------------------
-def _toy_detector():
-    detector = torch.nn.Module()
-    detector.backbone = torch.nn.Linear(2, 2)
-    detector.neck = torch.nn.Linear(2, 3)
-    detector.head = torch.nn.Linear(3, 4)
-    return detector
-
-
-def test_whole_model_check_refuses_anything_partial():
-    detector = _toy_detector()
-    own = detector.state_dict()
-    check_model_fits(detector, {'state_dict': own, 'meta': {}}, 'ok.pth')
-    check_model_fits(detector, {f'module.{k}': v for k, v in own.items()}, 'ddp.pth')
-
-    backbone_only = {'stem.conv1.weight': torch.zeros(1), 'stages.0.x': torch.zeros(1)}
-    with pytest.raises(RuntimeError, match='looks like a backbone or ImageNet checkpoint'):
-        check_model_fits(detector, {'model': backbone_only}, 'b.pth')
-    detectron2 = {f'backbone.bottom_up.{k}': v for k, v in backbone_only.items()}
-    with pytest.raises(RuntimeError, match='tools/convert_weights.py'):
-        check_model_fits(detector, detectron2, 'model_final.pth')
-    partial = {k: v for k, v in own.items() if not k.startswith('head.')}
-    with pytest.raises(RuntimeError, match=r'2 missing \(head\.weight, head\.bias\)'):
-        check_model_fits(detector, {'state_dict': partial}, 'p.pth')
-    other = dict(own, **{'roi_head.fc.weight': torch.zeros(1)})
-    other['head.weight'] = torch.zeros(5, 3)
-    with pytest.raises(RuntimeError) as info:
-        check_model_fits(detector, {'state_dict': other}, 'other.pth')
-    assert '1 unexpected (roi_head.fc.weight)' in str(info.value)
-    assert '1 mis-shaped (head.weight (checkpoint (5, 3), model (4, 3)))' in str(info.value)
-    broken = dict(own, **{'head.bias': [0.0] * 4})
-    with pytest.raises(RuntimeError, match=r'1 not tensors \(head\.bias \(list\)\)'):
-        check_model_fits(detector, broken, 'broken.pth')
-
-    # Partial loading only by name: the named parts may be missing, left over or mis-shaped.
-    check_model_fits(detector, {'state_dict': partial}, 'p.pth', allow_missing=['head.'])
-    check_model_fits(detector, {'state_dict': other}, 'o.pth',
-                     allow_missing=['head.', 'roi_head.'])
-    with pytest.raises(RuntimeError, match='2 missing'):
-        check_model_fits(detector, {'state_dict': partial}, 'p.pth', allow_missing=['neck.'])
-
-
 def test_output_norm_conversion_is_idempotent_and_keeps_trained_norms(reference_arch):
     """The authors' trained output norms land on ours (none dropped, none mixed up with the
     ImageNet ``norm``), and converting our own layout again changes nothing."""
@@ -257,3 +213,30 @@ def test_output_norm_conversion_is_idempotent_and_keeps_trained_norms(reference_
     mmseg0x['stage1.0.norm1.weight'] = torch.ones(8)
     renamed = convert_checkpoint(mmseg0x)
     assert [renamed[f'norm{i}.weight'][0].item() for i in range(4)] == [0., 1., 2., 3.]
+
+
+def test_whole_model_backbones_account_for_every_key(released_keys):
+    """The detectron2 and mmseg 0.x converters' one backbone check: keys the converter would
+    drop, keys the preset's model lacks or has, and weights that fit no preset."""
+    imagenet = _meta_state_dict(released_keys['restv2_tiny'])
+    backbone = {k: v for k, v in imagenet.items() if not k.startswith(('head.', 'norm.'))}
+    for i, dim in enumerate((96, 192, 384, 768)):  # mmseg 0.x's output norms, from 1
+        backbone.update({f'norm_{i + 1}.{p}': torch.empty(dim, device='meta')
+                         for p in ('weight', 'bias')})
+    weights, model_name, arch = convert_model_backbone(backbone, 'backbone.', 'test')
+    assert (model_name, arch) == ('ResTV2', 'tiny') and 'norm3.weight' in weights
+
+    with pytest.raises(ValueError, match=r"unexplained keys \['backbone\.head\.weight'\]"):
+        convert_model_backbone(dict(backbone, **{'head.weight': imagenet['head.weight']}),
+                               'backbone.', 'test')
+    no_norm = {k: v for k, v in backbone.items() if not k.startswith('norm_3.')}
+    with pytest.raises(ValueError, match=r"missing \(our names\) \['backbone\.norm2\.weight'"):
+        convert_model_backbone(no_norm, 'backbone.', 'test', out_indices=(0, 1, 2, 3))
+    mis_shaped = dict(backbone, **{'norm_1.bias': torch.empty(3, device='meta')})
+    with pytest.raises(ValueError, match=r"shape mismatches \['backbone\.norm_1\.bias \(3,\)'"):
+        convert_model_backbone(mis_shaped, 'backbone.', 'test')
+    shallower = {k: v for k, v in backbone.items() if not k.startswith('stage3.5.')}
+    with pytest.raises(ValueError, match=r'the test backbone: these weights fit ResTV2 with '
+                                         r'embed_dims=\(96, 192, 384, 768\) and depths='
+                                         r'\(1, 2, 5, 2\), which is no preset'):
+        convert_model_backbone(shallower, 'backbone.', 'test')

@@ -1,6 +1,7 @@
 """Reading checkpoint files: integrity first, and nothing but data.
 
-Three kinds of local file are read (:func:`read_local_checkpoint`):
+:func:`read_checkpoint` reads a path or URL. Three kinds of local file are read
+(:func:`read_local_checkpoint`):
 
 * **torch's zip format** (``torch.save`` since torch 1.6): a zip archive whose entries each
   carry a CRC-32. Every entry is checked before anything is unpickled, so a file damaged
@@ -31,17 +32,19 @@ import collections
 import functools
 import importlib
 import os
+import os.path as osp
 import pickle
 import tarfile
 import types
 import urllib.parse
 import zipfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from mmengine.logging import HistoryBuffer
+from mmengine.runner import CheckpointLoader
 
-from .torch_compat import load_defaults_to_weights_only, tensor_pickle_globals
+from ..torch_compat import load_defaults_to_weights_only, tensor_pickle_globals
 
 _DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
 # torch's legacy format starts with a pickled magic number (torch/serialization.py).
@@ -168,8 +171,8 @@ def _restricted_load(file, **kwargs) -> Any:
 #: become torch's ``StorageType``; every other name goes to :class:`RestrictedUnpickler`) and
 #: reads a legacy file's headers with its ``load``.
 restricted_pickle = types.ModuleType(
-    'rest_mm.checkpoint_files.restricted_pickle',
-    'pickle, resolving only the globals of rest_mm.checkpoint_files.checkpoint_globals()')
+    'rest_mm.weights.files.restricted_pickle',
+    'pickle, resolving only the globals of rest_mm.weights.files.checkpoint_globals()')
 restricted_pickle.Unpickler = RestrictedUnpickler
 restricted_pickle.load = _restricted_load
 
@@ -276,6 +279,70 @@ def download_checkpoint(url: str) -> str:
     return local
 
 
+def _why_not_a_file(path: str) -> str:
+    try:
+        os.stat(path)
+    except OSError as error:
+        if osp.islink(path):  # a loop or a dangling link: "does not exist" would mislead
+            return f'is a symbolic link that leads to no file ({error.strerror})'
+        return 'does not exist'
+    return 'is not a regular file'
+
+
+def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
+                    mmap: bool = False) -> Mapping:
+    """Read a checkpoint file (or URL), verified, with a clear error for a bad one.
+
+    A local file is read by :func:`read_local_checkpoint`: a
+    torch zip file's CRC-32s are all checked before it is unpickled (damaged bytes are an
+    error, not wrong weights); a legacy (non-zip) torch file and a plain pickle carry no
+    checksum, so damage inside their tensors cannot be detected; a plain pickle (a
+    detectron2 ``.pkl`` model) may hold only numpy arrays and builtin containers, whose
+    values stay numpy arrays. torch files are unpickled with an allow-list (tensors, numpy,
+    builtin containers and the types mmengine's training checkpoints pickle, so a detector
+    or segmentor trained with this repo reads too), the same on every supported torch.
+    http(s) URLs are downloaded once (:func:`download_checkpoint`)
+    and read as local files; other schemes (``open-mmlab://``, ``s3://``, ...) are read by
+    mmengine's loader, through ``torch.load``, which is weights-only from torch 2.6 only.
+
+    Args:
+        path (str): A file path or URL.
+        map_location (str, optional): Where tensors go. Defaults to ``'cpu'``.
+        mmap (bool): Map a zip file's tensor data instead of reading it (for a look at
+            keys and shapes). Defaults to False.
+
+    Raises:
+        FileNotFoundError: No such file, or a directory.
+        RuntimeError: A damaged or unreadable file, or one that holds no dict.
+    """
+    allow_mmengine_checkpoints()
+    if path.startswith(('http://', 'https://')):
+        path = download_checkpoint(path)
+    remote = '://' in path
+    if not remote and osp.isdir(path):
+        raise FileNotFoundError(f'checkpoint {path!r} is a directory, not a file; pass the '
+                                f'checkpoint file inside it')
+    if not remote and not osp.isfile(path):
+        raise FileNotFoundError(f'checkpoint {path!r} {_why_not_a_file(path)}')
+    try:
+        if remote:
+            checkpoint = CheckpointLoader.load_checkpoint(path, map_location=map_location)
+        else:
+            checkpoint = read_local_checkpoint(path, map_location=map_location, mmap=mmap)
+    except FileNotFoundError as error:
+        raise FileNotFoundError(f'checkpoint {path!r} does not exist') from error
+    except CheckpointFileError:
+        raise
+    except Exception as error:  # torch raises several unrelated types for bad files
+        raise RuntimeError(f'checkpoint {path!r} could not be read ({type(error).__name__}: '
+                           f'{error}); expected a file written by torch.save holding a '
+                           f'state dict') from error
+    if not isinstance(checkpoint, Mapping):
+        raise RuntimeError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
+                           f'expected a state dict or a dict wrapping one')
+    return checkpoint
+
+
 def _refuse_torchscript(path: str) -> None:
     """``torch.load`` hands a TorchScript archive (a zip with ``constants.pkl``) to
     ``torch.jit.load``, which no pickle module restricts: refuse it."""
@@ -336,7 +403,7 @@ def allow_mmengine_checkpoints() -> None:
     ``getattr(HistoryBuffer, 'mean')``). Exactly those types are allowed; ``getattr``
     resolves to :func:`_history_buffer_method`, which returns HistoryBuffer's statistics
     methods only (a free ``getattr`` would reach anything).
-    Idempotent; :func:`rest_mm.checkpoint.read_checkpoint` and the tools call it before
+    Idempotent; :func:`read_checkpoint` and the tools call it before
     anything is loaded or resumed. A no-op before torch 2.6, whose ``torch.load`` is not
     weights-only by default (so mmengine's calls unpickle anything there; the tools read
     every local checkpoint with :func:`read_local_checkpoint` before mmengine does).

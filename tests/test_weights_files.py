@@ -1,4 +1,4 @@
-"""rest_mm.checkpoint_files: integrity checks, numpy-only pickles, the mmengine allow-list."""
+"""rest_mm.weights.files: integrity checks, numpy-only pickles, the mmengine allow-list."""
 import functools
 import http.server
 import os
@@ -13,9 +13,8 @@ import torch
 from mmengine.logging import HistoryBuffer, MessageHub
 
 from rest_mm import ResTV2, load_pretrained
-from rest_mm.checkpoint import read_checkpoint
-from rest_mm.checkpoint_files import CheckpointFileError, allow_mmengine_checkpoints
 from rest_mm.torch_compat import load_defaults_to_weights_only
+from rest_mm.weights.files import CheckpointFileError, allow_mmengine_checkpoints, read_checkpoint
 
 
 # ---------------------------------------------------------------------------------------
@@ -98,6 +97,17 @@ def test_unreadable_paths_are_clear_errors(tmp_path):
     text.write_text('these are my notes, not weights\n')
     with pytest.raises(RuntimeError, match='neither a torch checkpoint nor a pickle'):
         read_checkpoint(str(text))
+
+
+def test_links_to_nothing_are_named_as_links(tmp_path):
+    loop, dangling = tmp_path / 'loop.pth', tmp_path / 'dangling.pth'
+    loop.symlink_to(loop)
+    dangling.symlink_to(tmp_path / 'gone.pth')
+    for link in (loop, dangling):
+        with pytest.raises(FileNotFoundError, match='is a symbolic link that leads to no file'):
+            read_checkpoint(str(link))
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        read_checkpoint(str(tmp_path / 'gone.pth'))
 
 
 # allow_mmengine_checkpoints is for torch.load's own weights-only default (torch >= 2.6)

@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from mmengine.config import Config
 from mmengine.model import revert_sync_batchnorm
 
-from rest_mm.conversion import convert_released
-from rest_mm.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 from rest_mm.testing import straightforward
+from rest_mm.weights import convert_released
+from rest_mm.weights.mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
 
 from testlib import REPO, needs_full_stack
 

@@ -1,39 +1,33 @@
-"""Runner support for ``tools/train.py`` and ``tools/test.py``: their shared options, config
-loading, adaptation to a machine without CUDA, a logger hook that writes the test metrics
-from rank 0 only, input checks before anything is built, the rule that no tool writes over
-what it reads, and clean-up after a run that failed to start. README, "Train, test,
-distributed", says why each is needed. Importing it registers ``RankZeroLoggerHook`` in
-mmengine's HOOKS and ``CPUAmpOptimWrapper`` (``--amp`` on a CPU) in its OPTIM_WRAPPERS.
+"""How ``tools/train.py`` and ``tools/test.py`` set up mmengine's Runner: their shared
+options, config loading, adaptation to a machine without CUDA (SyncBN, gloo, bfloat16
+``--amp``), a logger hook that writes the test metrics from rank 0 only, building the Runner
+and clean-up after a run that failed to start. README, "Train, test, distributed", says why
+each is needed. Importing it registers ``RankZeroLoggerHook`` in mmengine's HOOKS and
+``CPUAmpOptimWrapper`` (``--amp`` on a CPU) in its OPTIM_WRAPPERS.
 """
 import argparse
-import fnmatch
 import os
 import os.path as osp
 import re
 import shutil
 from contextlib import contextmanager
-from pathlib import Path
-from typing import Dict, Iterable, Iterator, Mapping, Optional, Sequence, Tuple
+from typing import Iterable, Iterator, Optional, Sequence, Tuple
 
 import torch
-from mmengine.config import Config, ConfigDict, DictAction
+from mmengine.config import Config, ConfigDict
 from mmengine.dist import is_main_process
 from mmengine.hooks import Hook, LoggerHook
 from mmengine.logging import print_log
 from mmengine.optim import OptimWrapper
-from mmengine.registry import HOOKS, OPTIM_WRAPPERS
+from mmengine.registry import HOOKS, OPTIM_WRAPPERS, RUNNERS, init_default_scope
+from mmengine.runner import Runner
 
 from rest_mm.cli.checkpoint_hook import use_atomic_checkpoints
+from rest_mm.cli.config_overrides import add_override_arguments, apply_overrides
 from rest_mm.cli.precision import amp_dtype, cpu_bf16_note
+from rest_mm.cli.preflight import check_scope
 
 LAUNCHERS = ('none', 'pytorch', 'slurm', 'mpi')
-_TOY_DATA_HINT = 'generate it with `python tools/make_toy_data.py` (or `make demo`)'
-_DATA_HINTS = {
-    'mmdet': ('download COCO 2017 (https://cocodataset.org) into data/coco/ as described in '
-              "mmdet's docs (user_guides/dataset_prepare.md)"),
-    'mmseg': ('download ADEChallengeData2016 into data/ade/ as described in '
-              "mmseg's docs (user_guides/2_dataset_prepare.md)"),
-}
 
 
 # ---------------------------------------------------------------------------------------
@@ -51,7 +45,8 @@ def model_key_prefix(text: str) -> str:
 def add_runner_arguments(parser: argparse.ArgumentParser, purpose: str, work_dir_holds: str,
                          loading: str, example_prefix: str, example_options: str) -> None:
     """Add the config (first positional argument), ``--work-dir``, ``--allow-missing``,
-    ``--cfg-options``, ``--launcher`` and ``--local-rank``.
+    ``--allow-non-finite``, ``--cfg-options`` and ``--cfg-new-keys``, ``--launcher`` and
+    ``--local-rank``.
 
     Args:
         parser (ArgumentParser): The tool's parser.
@@ -70,8 +65,10 @@ def add_runner_arguments(parser: argparse.ArgumentParser, purpose: str, work_dir
                         help=f'{loading} partially: model keys under these prefixes (e.g. '
                         f'{example_prefix}) may be absent from the checkpoint or mis-shaped '
                         'and keep their initialisation; checkpoint keys under them are ignored')
-    parser.add_argument('--cfg-options', nargs='+', action=DictAction,
-                        help=f'override config settings, key=value pairs, e.g. {example_options}')
+    parser.add_argument('--allow-non-finite', action='store_true',
+                        help=f'{loading} weights holding NaN or Inf (refused by default, naming '
+                        'the tensors: a damaged file or a diverged run)')
+    add_override_arguments(parser, example_options)
     parser.add_argument('--launcher', choices=LAUNCHERS, default='none', help='job launcher')
     # torch.distributed.launch passes --local-rank (torchrun sets LOCAL_RANK instead).
     parser.add_argument('--local_rank', '--local-rank', type=int, default=0)
@@ -106,16 +103,18 @@ def _replace_sync_bn(node) -> int:
     return replaced
 
 
-def load_config(path: str, launcher: str = 'none', cfg_options: Optional[dict] = None,
-                work_dir: Optional[str] = None) -> Config:
-    """The config at ``path`` with the command line's launcher, ``--cfg-options`` and
-    ``--work-dir`` applied (default work dir: ``work_dirs/<config name>``) and checkpoints
-    saved atomically (:func:`~rest_mm.cli.checkpoint_hook.use_atomic_checkpoints`), as
-    ``tools/train.py`` and ``tools/test.py`` both need it."""
+def load_config(path: str, launcher: str = 'none',
+                cfg_options: Sequence[Tuple[str, str]] = (), work_dir: Optional[str] = None,
+                new_keys: Sequence[str] = ()) -> Config:
+    """The config at ``path`` with the command line's launcher, ``--cfg-options`` (checked,
+    :func:`~rest_mm.cli.config_overrides.apply_overrides`; ``new_keys`` from
+    ``--cfg-new-keys``) and ``--work-dir`` applied (default work dir:
+    ``work_dirs/<config name>``) and checkpoints saved atomically
+    (:func:`~rest_mm.cli.checkpoint_hook.use_atomic_checkpoints`), as ``tools/train.py`` and
+    ``tools/test.py`` both need it."""
     cfg = Config.fromfile(path)
     cfg.launcher = launcher
-    if cfg_options is not None:
-        cfg.merge_from_dict(cfg_options)
+    apply_overrides(cfg, cfg_options, new_keys, path)
     check_scope(cfg, path)
     use_atomic_checkpoints(cfg)  # no kill or full disk leaves the work dir without one
     if work_dir is not None:
@@ -266,149 +265,8 @@ def close_distributed() -> None:
 
 
 # ---------------------------------------------------------------------------------------
-# Clear errors for missing inputs.
+# Building the Runner, and clean-up after a run that failed to start.
 # ---------------------------------------------------------------------------------------
-def _dataset_configs(dataset) -> Iterator[dict]:
-    """Leaf dataset configs under wrappers (RepeatDataset, ConcatDataset, ...)."""
-    if not isinstance(dataset, dict):
-        return
-    if 'dataset' in dataset:
-        yield from _dataset_configs(dataset['dataset'])
-    elif 'datasets' in dataset:
-        for inner in dataset['datasets']:
-            yield from _dataset_configs(inner)
-    else:
-        yield dataset
-
-
-def _dataset_paths(dataset: dict) -> Iterator[str]:
-    data_root = dataset.get('data_root') or ''
-    candidates = [dataset.get('ann_file') or '']
-    prefix = dataset.get('data_prefix') or {}
-    candidates += [v for v in prefix.values() if isinstance(v, str)]
-    for path in candidates:
-        if not path or '://' in path or '://' in data_root:
-            continue
-        yield path if osp.isabs(path) else osp.join(data_root, path)
-
-
-def _dataloader_paths(cfg: Config, dataloaders: Iterable[str]) -> Iterator[Tuple[str, dict, str]]:
-    """``(dataloader key, dataset config, path)`` for every annotation file and image folder
-    of the given dataloaders' datasets; absent or ``None`` dataloaders are skipped."""
-    for key in dataloaders:
-        loader = cfg.get(key)
-        if not loader:
-            continue
-        for dataset in _dataset_configs(loader.get('dataset')):
-            for path in _dataset_paths(dataset):
-                yield key, dataset, path
-
-
-def check_datasets(cfg: Config, dataloaders: Iterable[str]) -> None:
-    """Raise ``FileNotFoundError`` naming the first dataset path that does not exist.
-
-    Args:
-        cfg (Config): The run's config.
-        dataloaders (Iterable[str]): Keys such as ``'train_dataloader'`` to check;
-            absent or ``None`` entries are skipped.
-    """
-    scope = cfg.get('default_scope')
-    for key, dataset, path in _dataloader_paths(cfg, dataloaders):
-        if osp.exists(path):
-            continue
-        toy = 'toy' in path or 'toy' in osp.basename(cfg.filename or '')
-        hint = _TOY_DATA_HINT if toy else _DATA_HINTS.get(scope, 'prepare the dataset')
-        raise FileNotFoundError(
-            f'{key}: dataset path {path!r} does not exist (data_root='
-            f'{dataset.get("data_root")!r}, type={dataset.get("type")!r}); '
-            f'{hint}, or point the config at your copy with '
-            f'--cfg-options {key}.dataset.data_root=PATH')
-
-
-def check_checkpoint(path: Optional[str], what: str = 'checkpoint') -> None:
-    """Raise ``FileNotFoundError`` if a local checkpoint path does not exist."""
-    if path is None or '://' in path:
-        return
-    if osp.isdir(path):
-        raise FileNotFoundError(f'{what} {path!r} is a directory, not a file; pass the .pth '
-                                f'file inside it (written by tools/train.py)')
-    if not osp.isfile(path):
-        raise FileNotFoundError(f'{what} {path!r} does not exist; pass the path of a '
-                                f'.pth file written by tools/train.py')
-
-
-def check_scope(cfg: Config, config_path: str) -> str:
-    """The config's ``default_scope``, which must name a library we support."""
-    scope = cfg.get('default_scope')
-    if scope not in ('mmdet', 'mmseg'):
-        raise ValueError(f'{config_path}: default_scope is {scope!r}; the tools run mmdet '
-                         f"and mmseg configs, which set default_scope='mmdet' or 'mmseg' "
-                         f"(inherit from an mmdet::/mmseg:: base config)")
-    return scope
-
-
-# ---------------------------------------------------------------------------------------
-# Nothing an output is written to may be an input.
-# ---------------------------------------------------------------------------------------
-def _resolved(path: str) -> Path:
-    return Path(path).expanduser().resolve()
-
-
-def _same(a: Path, b: Path) -> bool:
-    if a == b:
-        return True
-    try:  # two names for one file (a hard link, or a case-insensitive file system)
-        return a.exists() and b.exists() and os.path.samefile(a, b)
-    except OSError:
-        return False
-
-
-def refuse_output_over_inputs(output: Optional[str], inputs: Mapping[str, Optional[str]],
-                              option: str, written: Sequence[str] = ()) -> None:
-    """Raise ``ValueError`` when writing ``output`` could overwrite or mix with an input.
-
-    Refused: the output is an input (after resolving ``..`` and symbolic links, or the
-    same file under another name); the output lies inside an input folder (what the tool
-    writes would be mixed with, and later read as, what it reads); a file the tool writes
-    in an output folder (``written``) would be an input file.
-
-    Args:
-        output (str, optional): The file or folder the tool writes; None: nothing.
-        inputs (Mapping[str, str]): What the tool reads, as ``{description: path}``,
-            files or folders. None and URLs are skipped.
-        option (str): How the user named the output (e.g. ``'--out-dir'``), for the
-            message.
-        written (Sequence[str]): For a folder output, glob patterns of the names of the
-            files the tool writes directly in it (e.g. ``'epoch_*.pth'``). Defaults to
-            none.
-    """
-    if output is None:
-        return
-    target = _resolved(output)
-    for what, path in inputs.items():
-        if path is None or '://' in str(path):
-            continue
-        source = _resolved(str(path))
-        problem = None
-        if _same(target, source):
-            problem = 'is'
-        elif source.is_dir() and source in target.parents:
-            problem = 'is inside'
-        elif source.parent == target and any(fnmatch.fnmatchcase(source.name, pattern)
-                                             for pattern in written):
-            problem = f'would write {source.name} into the folder of'
-        if problem:
-            raise ValueError(f'{option} {output}: the output {problem} the {what} ({path}), '
-                             f'which would be overwritten or mixed with what is written; '
-                             f'choose an output outside the inputs')
-
-
-def dataset_inputs(cfg: Config, dataloaders: Iterable[str]) -> Dict[str, str]:
-    """The annotation files and image folders of the configs' datasets, as inputs for
-    :func:`refuse_output_over_inputs`."""
-    return {f'{key} data {path}': path for key, _, path in _dataloader_paths(cfg, dataloaders)}
-
-
 # mmengine's Runner names each run's log folder by its start time.
 _RUN_FOLDER = re.compile(r'^\d{8}_\d{6}$')
 
@@ -437,7 +295,7 @@ def removed_if_start_fails(work_dir: str, config_name: str) -> Iterator[RunStart
     mmengine's Runner creates the work dir, a timestamped log folder in it and a copy of
     the config when it is built, before the model's checkpoint is loaded; a run refused
     then (a checkpoint that does not fit, a model that cannot be built) would leave them
-    behind, one more folder per attempt. Register the yielded hook on the Runner; if the
+    behind, one more folder per attempt. Pass the yielded hook to :func:`build_runner`; if the
     block raises before the hook saw a loop start, the log folders and config copy that
     appeared during the block are removed, and the work dir too if it was created and is
     left empty. A run that started keeps everything.
@@ -463,20 +321,14 @@ def removed_if_start_fails(work_dir: str, config_name: str) -> Iterator[RunStart
         raise
 
 
-def check_resumable(checkpoint: Mapping, path: str) -> None:
-    """Raise ``ValueError`` unless ``checkpoint`` is a training checkpoint that mmengine's
-    Runner can resume (it reads these entries without checking for them)."""
-    meta = checkpoint.get('meta')
-    missing = [name for name, present in (
-        ('meta.epoch', isinstance(meta, Mapping) and 'epoch' in meta),
-        ('meta.iter', isinstance(meta, Mapping) and 'iter' in meta),
-        ('state_dict', 'state_dict' in checkpoint),
-        ('message_hub', 'message_hub' in checkpoint),
-        ('optimizer', 'optimizer' in checkpoint)) if not present]
-    if missing:
-        raise ValueError(
-            f'--resume {path}: not a training checkpoint written by tools/train.py (it has no '
-            f'{", ".join(missing)}; its entries: {", ".join(map(str, list(checkpoint)[:6]))}). '
-            f'To start a new training from its weights, pass them as --cfg-options '
-            f'load_from={path} (a whole detector/segmentor) or '
-            f'model.backbone.init_cfg.checkpoint={path} (backbone weights)')
+def build_runner(cfg: Config, hooks: Iterable[Hook] = ()) -> Runner:
+    """The Runner of ``cfg`` with ``hooks`` registered: the custom runner its
+    ``runner_type`` names (registered in the config's library), else mmengine's."""
+    if 'runner_type' in cfg:
+        init_default_scope(cfg.default_scope)
+        runner = RUNNERS.build(cfg)
+    else:
+        runner = Runner.from_cfg(cfg)
+    for hook in hooks:
+        runner.register_hook(hook)
+    return runner

@@ -14,33 +14,27 @@ detectron2's semantics where the libraries differ in layout:
 * **Buffers** are checked, not dropped: the cell anchors that older detectron2 versions
   save must equal mmdet's anchors of the matching config (reordered); ``pixel_mean`` and
   ``pixel_std`` (also absent from newer checkpoints) go into the meta, and
-  :func:`check_preprocessing` refuses a config whose ``data_preprocessor`` disagrees.
-* **Test settings.** :data:`DETECTRON2_TEST_CFG` and :data:`DETECTRON2_TEST_INPUT` hold
-  detectron2's evaluation defaults, which the detection configs must equal (tested).
+  :func:`rest_mm.cli.checkpoint_checks.check_preprocessing` refuses a config whose
+  ``data_preprocessor`` disagrees.
+* **Test settings.** The detection configs evaluate with detectron2's defaults (tested
+  against ``tests/reference_detectron2.py``).
 
 Box coding, FPN top blocks, RoI-to-level assignment and resizing agree given our configs:
-``tests/test_detectron2.py`` compares them with a re-derivation of detectron2's code; the
+``tests/test_weights_detectron2.py`` compares them with a re-derivation of detectron2's code; the
 README ("Evaluate the authors' released models") lists what is left.
 """
-import re
 from collections import OrderedDict
 from typing import Dict, List, Mapping, Tuple
 
 import numpy as np
 import torch
 
-from .checkpoint import (
-    as_tensors,
-    backbone_key_problems,
-    convert_checkpoint,
-    describe_weights,
-    is_v1,
-    weights_preset,
-)
-from .rest import BACKBONES
+from .. import presets
+from .backbone import convert_model_backbone, output_norm_indices
+from .state_dicts import as_tensors, unwrap_checkpoint
 
 # ---------------------------------------------------------------------------------------
-# Facts: detectron2 -> mmdet key names, anchors, configs, evaluation defaults.
+# Facts: detectron2 -> mmdet key names, anchors, configs, input formats.
 # ---------------------------------------------------------------------------------------
 _PARAMS = ('weight', 'bias')
 _RETINANET_CONVS = 4  # MODEL.RETINANET.NUM_CONVS
@@ -97,21 +91,16 @@ ARCHITECTURES = {
         anchor_major_outputs=('rpn_head.rpn_cls.', 'rpn_head.rpn_reg.')),
 }
 
-# (architecture, backbone) -> the config that trains and evaluates it.
+# (architecture, backbone) -> the config that trains and evaluates it (v2's: 3x schedule).
 CONFIGS = {
-    ('RetinaNet', 'rest_lite'): 'configs/detection/retinanet_rest_lite_coco.py',
-    ('RetinaNet', 'rest_small'): 'configs/detection/retinanet_rest_small_coco.py',
-    ('RetinaNet', 'rest_base'): 'configs/detection/retinanet_rest_base_coco.py',
-    ('RetinaNet', 'rest_large'): 'configs/detection/retinanet_rest_large_coco.py',
-    ('RetinaNet', 'restv2_tiny'): 'configs/detection/retinanet_restv2_tiny_3x_coco.py',
-    ('MaskRCNN', 'rest_lite'): 'configs/detection/mask_rcnn_rest_lite_coco.py',
-    ('MaskRCNN', 'rest_small'): 'configs/detection/mask_rcnn_rest_small_coco.py',
-    ('MaskRCNN', 'rest_base'): 'configs/detection/mask_rcnn_rest_base_coco.py',
-    ('MaskRCNN', 'rest_large'): 'configs/detection/mask_rcnn_rest_large_coco.py',
-    ('MaskRCNN', 'restv2_tiny'): 'configs/detection/mask_rcnn_restv2_tiny_3x_coco.py',
-    ('MaskRCNN', 'restv2_small'): 'configs/detection/mask_rcnn_restv2_small_3x_coco.py',
-    ('MaskRCNN', 'restv2_base'): 'configs/detection/mask_rcnn_restv2_base_3x_coco.py',
-}
+    (architecture, backbone): f'configs/detection/{stem}_{backbone}'
+                              f'{"_3x" if backbone.startswith("restv2_") else ""}_coco.py'
+    for architecture, stem, backbones in (
+        ('RetinaNet', 'retinanet', ('rest_lite', 'rest_small', 'rest_base', 'rest_large',
+                                    'restv2_tiny')),
+        ('MaskRCNN', 'mask_rcnn', ('rest_lite', 'rest_small', 'rest_base', 'rest_large',
+                                   'restv2_tiny', 'restv2_small', 'restv2_base')))
+    for backbone in backbones}
 
 # The input the authors' detectors were trained and evaluated with. v1: detectron2's
 # default (MODEL.PIXEL_MEAN / PIXEL_STD, INPUT.FORMAT "BGR"; no v1 yaml changes them).
@@ -121,56 +110,19 @@ INPUT_FORMATS = {
     'ResTV2': dict(format='RGB', mean=[123.675, 116.28, 103.53], std=[58.395, 57.12, 57.375]),
 }
 
-# detectron2's evaluation settings, as mmdet test_cfg entries (names in config/defaults.py
-# unless a yaml is named).
-DETECTRON2_TEST_CFG = {
-    'RetinaNet': dict(
-        nms_pre=1000,  # MODEL.RETINANET.TOPK_CANDIDATES_TEST, per level, after the threshold
-        min_bbox_size=0,  # detector_postprocess drops empty boxes (mmdet: before NMS)
-        score_thr=0.05,  # MODEL.RETINANET.SCORE_THRESH_TEST
-        nms=dict(type='nms', iou_threshold=0.5),  # MODEL.RETINANET.NMS_THRESH_TEST, per class
-        max_per_img=100),  # TEST.DETECTIONS_PER_IMAGE
-    'MaskRCNN': dict(
-        rpn=dict(
-            nms_pre=1000,  # Base-RCNN-FPN.yaml RPN.PRE_NMS_TOPK_TEST, per level
-            max_per_img=1000,  # Base-RCNN-FPN.yaml RPN.POST_NMS_TOPK_TEST, per image
-            nms=dict(type='nms', iou_threshold=0.7),  # MODEL.RPN.NMS_THRESH, per level
-            min_bbox_size=0),  # MODEL.PROPOSAL_GENERATOR.MIN_SIZE
-        rcnn=dict(
-            score_thr=0.05,  # MODEL.ROI_HEADS.SCORE_THRESH_TEST
-            nms=dict(type='nms', iou_threshold=0.5),  # MODEL.ROI_HEADS.NMS_THRESH_TEST
-            max_per_img=100,  # TEST.DETECTIONS_PER_IMAGE
-            mask_thr_binary=0.5)),  # detector_postprocess(mask_threshold=0.5)
-}
-DETECTRON2_TEST_INPUT = dict(
-    scale=(1333, 800),  # INPUT.MAX_SIZE_TEST, INPUT.MIN_SIZE_TEST (ResizeShortestEdge)
-    keep_ratio=True,
-    pad_size_divisor=32,  # FPN.size_divisibility: the stride of its last input (stage 4)
-    # detectron2 decodes with PIL (data/detection_utils.py read_image) and resizes uint8
-    # images with PIL's bilinear filter (data/transforms/transform.py ResizeTransform).
-    imdecode_backend='pillow',
-    resize_backend='pillow',
-    interpolation='bilinear')
-
 _PIXEL_BUFFERS = ('pixel_mean', 'pixel_std')
 
 
 # ---------------------------------------------------------------------------------------
 # The converter.
 # ---------------------------------------------------------------------------------------
-def _state_dict_of(checkpoint: Mapping) -> Mapping:
-    """The state dict of a detectron2 file (``{"model": ...}``) or the state dict itself."""
-    inner = checkpoint.get('model')
-    return inner if isinstance(inner, Mapping) else checkpoint
-
-
 def is_detectron2_detector(state_dict: Mapping) -> bool:
     """Whether this is a whole detectron2 detector (not only its backbone).
 
     Args:
         state_dict (Mapping): A detectron2 state dict, or a file's ``{"model": ...}``.
     """
-    keys = list(_state_dict_of(state_dict))
+    keys = list(unwrap_checkpoint(state_dict))
     return (any(k.startswith('backbone.bottom_up.') for k in keys)
             and any(k.startswith(('head.', 'proposal_generator.', 'roi_heads.')) for k in keys))
 
@@ -183,34 +135,6 @@ def _architecture(keys) -> str:
     raise ValueError('unsupported detectron2 detector: expected a RetinaNet '
                      '(head.cls_score) or a Mask R-CNN (roi_heads.mask_head.predictor); '
                      f'found neither among {sorted(k for k in keys if "bottom_up" not in k)[:8]}')
-
-
-def _backbone_model(backbone: Mapping) -> Tuple[str, str, Tuple[int, ...]]:
-    """(``'ResT'``/``'ResTV2'``, preset, output stage indices) of converted backbone weights."""
-    model_name, preset = weights_preset(backbone)
-    if preset is None:
-        _, found = describe_weights(backbone)
-        raise ValueError(f'the detectron2 backbone is a {model_name} with embed_dims='
-                         f'{found["embed_dims"]} and depths={found["depths"]}, which is no '
-                         f'preset')
-    out_indices = tuple(sorted({int(m[1]) for k in backbone
-                                for m in [re.match(r'norm(\d)\.', k)] if m}))
-    return model_name, preset, out_indices
-
-
-def _check_backbone_keys(backbone: Mapping, origins: Mapping, model_name: str, preset: str,
-                         out_indices: Tuple[int, ...]):
-    """Every converted backbone key, with its shape, is one the matching model has."""
-    extra = dict(norm_in_path=True) if model_name == 'ResT' else {}
-    with torch.device('meta'):
-        model = BACKBONES[model_name](arch=preset, out_indices=out_indices, **extra)
-    unknown, missing, mis_shaped = backbone_key_problems(backbone, model)
-    if unknown or missing or mis_shaped:
-        raise ValueError(
-            f'detectron2 backbone does not fit {model_name}(arch={preset!r}, out_indices='
-            f'{out_indices}): unexplained keys {[origins[k] for k in unknown]}, missing (our '
-            f'names) {missing}, shape mismatches '
-            f'{[f"{origins[k]} {tuple(backbone[k].shape)}" for k in mis_shaped]}')
 
 
 def _fpn_prefixes(architecture: str, num_levels: int) -> Dict[str, str]:
@@ -310,28 +234,21 @@ def convert_detectron2_detector(
         ValueError: naming any key that no rule explains, a backbone that fits no
             preset, or saved anchors that differ from the matching config's.
     """
-    state_dict = as_tensors(_state_dict_of(state_dict), 'detectron2 checkpoint')
+    state_dict = as_tensors(unwrap_checkpoint(state_dict), 'detectron2 checkpoint')
     architecture = _architecture(state_dict)
     facts = ARCHITECTURES[architecture]
 
-    bottom_up = OrderedDict((k[len('backbone.bottom_up.'):], v) for k, v in state_dict.items()
-                            if k.startswith('backbone.bottom_up.'))
-    backbone = convert_checkpoint(bottom_up)
-    if len(backbone) != len(bottom_up):  # the backbone converter drops classifier keys
-        v1 = is_v1(bottom_up)
-        dropped = [f'backbone.bottom_up.{k}' for k in bottom_up
-                   if k.startswith('head.') or (k.startswith('norm.') and not v1)]
-        raise ValueError(f'backbone keys that no rule explains: {", ".join(dropped)}')
-    # The backbone converter renames key by key, in order: our name -> detectron2's.
-    origins = {ours: f'backbone.bottom_up.{theirs}' for ours, theirs in zip(backbone, bottom_up)}
-    model_name, preset, out_indices = _backbone_model(backbone)
-    _check_backbone_keys(backbone, origins, model_name, preset, out_indices)
-    backbone_name = f"{'rest' if model_name == 'ResT' else 'restv2'}_{preset}"
+    bottom_up = {k[len('backbone.bottom_up.'):]: v for k, v in state_dict.items()
+                 if k.startswith('backbone.bottom_up.')}
+    backbone, model_name, arch = convert_model_backbone(
+        bottom_up, 'backbone.bottom_up.', 'detectron2')
+    backbone_name = presets.preset_name(model_name, arch)
     if (architecture, backbone_name) not in CONFIGS:
         raise ValueError(f'no config in configs/detection/ for a {architecture} with a '
                          f'{backbone_name} backbone; configs exist for {sorted(CONFIGS)}')
 
-    prefixes = {**_fpn_prefixes(architecture, len(out_indices)), **_HEAD_PREFIXES[architecture]}
+    num_levels = len(output_norm_indices(backbone))
+    prefixes = {**_fpn_prefixes(architecture, num_levels), **_HEAD_PREFIXES[architecture]}
     converted = OrderedDict(('backbone.' + k, v) for k, v in backbone.items())
     pixel_buffers, cell_anchors, unexplained = {}, {}, []
     for key, value in state_dict.items():
@@ -371,38 +288,3 @@ def convert_detectron2_detector(
                 **_pixel_statistics(pixel_buffers, model_name),
                 checked_buffers=sorted(pixel_buffers) + sorted(cell_anchors))
     return converted, meta
-
-
-# ---------------------------------------------------------------------------------------
-# Evaluating a converted checkpoint.
-# ---------------------------------------------------------------------------------------
-def check_preprocessing(cfg, meta: Mapping):
-    """Refuse a config whose input differs from the one the detector was trained with.
-
-    Args:
-        cfg (Config | dict): The config about to evaluate the checkpoint.
-        meta (Mapping): The converted checkpoint's meta (``source == 'detectron2'``).
-
-    Raises:
-        ValueError: naming the config that fits, when ``model.data_preprocessor``'s
-            ``mean``, ``std`` or ``bgr_to_rgb`` disagree with the checkpoint.
-    """
-    if meta.get('source') != 'detectron2':
-        raise ValueError(f"check_preprocessing needs a detectron2 checkpoint's meta, got "
-                         f"source={meta.get('source')!r}")
-    expected = meta['preprocessing']
-    preprocessor = cfg['model'].get('data_preprocessor') or {}
-    found = dict(mean=preprocessor.get('mean'), std=preprocessor.get('std'),
-                 bgr_to_rgb=bool(preprocessor.get('bgr_to_rgb', False)))
-    if (found['mean'] is None or found['std'] is None
-            or not np.allclose(found['mean'], expected['mean'], rtol=0, atol=1e-3)
-            or not np.allclose(found['std'], expected['std'], rtol=0, atol=1e-3)
-            or found['bgr_to_rgb'] != expected['bgr_to_rgb']):
-        fmt = 'RGB' if expected['bgr_to_rgb'] else 'BGR'
-        raise ValueError(
-            f"this {meta['architecture']} {meta['backbone']} (converted from detectron2) "
-            f"expects {fmt} input normalised with mean {expected['mean']} and std "
-            f"{expected['std']} (bgr_to_rgb={expected['bgr_to_rgb']}; {expected['source']}), "
-            f"but the config's model.data_preprocessor has mean {found['mean']}, std "
-            f"{found['std']}, bgr_to_rgb={found['bgr_to_rgb']}: evaluate it with "
-            f"{meta['config']}")

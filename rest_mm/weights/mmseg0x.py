@@ -7,27 +7,22 @@ authors' (``backbone.stem.*``, ``backbone.patch_2..4.*``, ``backbone.stage1..4.*
 output norms ``backbone.norm_1..4``), with mmseg 0.x's ``UPerHead`` as ``decode_head`` and
 ``FCNHead`` as ``auxiliary_head``.
 
-The backbone goes through :func:`rest_mm.checkpoint.convert_checkpoint`. The heads keep
-their keys: mmseg 1.2's ``UPerHead`` and ``FCNHead`` name their modules as mmseg 0.x's do
+The backbone goes through :func:`.backbone.convert_model_backbone`. The heads keep their keys:
+mmseg 1.2's ``UPerHead`` and ``FCNHead`` name their modules as mmseg 0.x's do
 (``psp_modules``, ``bottleneck``, ``lateral_convs``, ``fpn_convs``, ``fpn_bottleneck``,
-``convs``, ``conv_seg``; ``ConvModule``'s ``conv`` and ``bn``), which tests/test_mmseg0x.py
-proves by loading a converted checkpoint strictly into the model of our config. Any key
-outside these layouts is an error that names it.
+``convs``, ``conv_seg``; ``ConvModule``'s ``conv`` and ``bn``), which
+tests/test_weights_mmseg0x.py proves by loading a converted checkpoint strictly into the
+model of our config. Any key outside these layouts is an error that names it.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, Mapping, Tuple
+from typing import Mapping, Tuple
 
 import torch
 
-from .checkpoint import (
-    backbone_key_problems,
-    convert_checkpoint,
-    describe_weights,
-    is_v1,
-    weights_preset,
-)
-from .rest import ResTV2
+from .. import presets
+from .backbone import convert_model_backbone, is_v1
+from .state_dicts import unwrap_checkpoint
 
 SOURCE = 'mmseg0.x'
 # The configs that train and evaluate the released models, by ResTV2 preset.
@@ -52,52 +47,20 @@ _HEAD_KEYS = re.compile(
 _AUTHORS_BACKBONE = re.compile(r'^backbone\.(?:stage[1-4]\.|patch_[2-4]\.)')
 
 
-def _state_dict_of(checkpoint: Mapping) -> Mapping:
-    state_dict = checkpoint.get('state_dict') if isinstance(checkpoint, Mapping) else None
-    return state_dict if isinstance(state_dict, Mapping) else {}
-
-
 def is_mmseg0x_segmentor(checkpoint: Mapping) -> bool:
     """Whether a loaded file is an mmseg 0.x segmentor with the authors' ResTv2 backbone.
 
     Args:
-        checkpoint (Mapping): The loaded file, ``{'meta': ..., 'state_dict': ...}``.
+        checkpoint (Mapping): The loaded file, ``{'meta': ..., 'state_dict': ...}``, or its
+            state dict.
 
     Returns:
-        bool: True when its ``state_dict`` holds a ``decode_head`` and backbone keys in the
+        bool: True when the state dict holds a ``decode_head`` and backbone keys in the
         authors' layout (``backbone.stage1.`` ...), not ours (``backbone.stages.``).
     """
-    keys = list(_state_dict_of(checkpoint))
+    keys = list(unwrap_checkpoint(checkpoint))
     return (any(k.startswith('decode_head.') for k in keys)
             and any(_AUTHORS_BACKBONE.match(k) for k in keys))
-
-
-def _convert_backbone(backbone: Dict[str, torch.Tensor]) -> Tuple['OrderedDict', str]:
-    """Our ResTV2 weights and preset from the authors' backbone keys (prefix stripped)."""
-    if is_v1(backbone):
-        raise ValueError('this mmseg 0.x checkpoint has a ResT v1 backbone (stem.conv1); the '
-                         'authors released UperNet with ResTv2 only, and only those convert')
-    converted = convert_checkpoint(backbone)
-    # The converter drops a classifier's `head` and `norm`: a segmentor has none, so any
-    # key it dropped is unexplained. Tensors are passed through, so identity finds them.
-    kept = {id(value) for value in converted.values()}
-    authors_key = {id(value): key for key, value in backbone.items()}
-    dropped = [f'backbone.{k}' for k, v in backbone.items() if id(v) not in kept]
-    model_name, arch = weights_preset(converted)
-    if model_name != 'ResTV2' or arch is None:
-        _, found = describe_weights(converted)
-        raise ValueError(f'the backbone has embed_dims={found["embed_dims"]} and depths='
-                         f'{found["depths"]}, which is no ResTV2 preset')
-    with torch.device('meta'):
-        model = ResTV2(arch=arch, out_indices=(0, 1, 2, 3))
-    unknown, missing, mis_shaped = backbone_key_problems(converted, model)
-    unknown = [f'backbone.{authors_key[id(converted[k])]}' for k in unknown + mis_shaped]
-    missing = [f'backbone.{k}' for k in missing]
-    if dropped or unknown or missing:
-        raise ValueError(f'the backbone of this mmseg 0.x checkpoint does not fit ResTV2 '
-                         f'{arch!r}: unexplained keys {dropped + unknown}, missing (in our names) '
-                         f'{missing}')
-    return converted, arch
 
 
 def _dataset_meta(meta: Mapping) -> dict:
@@ -136,7 +99,7 @@ def convert_mmseg0x_segmentor(checkpoint: Mapping) -> Tuple['OrderedDict[str, to
         raise ValueError('not an mmseg 0.x segmentor with the authors\' ResTv2 backbone: '
                          'expected {"meta", "state_dict"} with decode_head.* and '
                          'backbone.stage1.* keys')
-    state_dict = _state_dict_of(checkpoint)
+    state_dict = unwrap_checkpoint(checkpoint)
     backbone = {k[len('backbone.'):]: v for k, v in state_dict.items()
                 if k.startswith('backbone.')}
     heads = OrderedDict((k, v) for k, v in state_dict.items() if _HEAD_KEYS.match(k))
@@ -144,7 +107,11 @@ def convert_mmseg0x_segmentor(checkpoint: Mapping) -> Tuple['OrderedDict[str, to
     if unexplained:
         raise ValueError(f'keys outside the authors\' UperNet layout (backbone.*, mmseg 0.x '
                          f'UPerHead decode_head.* and FCNHead auxiliary_head.*): {unexplained}')
-    converted_backbone, arch = _convert_backbone(backbone)
+    if is_v1(backbone):
+        raise ValueError('this mmseg 0.x checkpoint has a ResT v1 backbone (stem.conv1); the '
+                         'authors released UperNet with ResTv2 only, and only those convert')
+    converted_backbone, model_name, arch = convert_model_backbone(
+        backbone, 'backbone.', SOURCE, out_indices=(0, 1, 2, 3))
     if arch not in CONFIGS:
         raise ValueError(f'the authors released UperNet with ResTv2-T/S/B; no config in '
                          f'configs/segmentation/ fits ResTV2 {arch!r}')
@@ -154,9 +121,9 @@ def convert_mmseg0x_segmentor(checkpoint: Mapping) -> Tuple['OrderedDict[str, to
     meta = checkpoint.get('meta') if isinstance(checkpoint.get('meta'), Mapping) else {}
     num_classes = heads['decode_head.conv_seg.weight'].shape[0] \
         if 'decode_head.conv_seg.weight' in heads else None
-    out_meta = dict(source=SOURCE, architecture='UperNet', backbone=f'restv2_{arch}',
-                    config=CONFIGS[arch], authors_test_config=AUTHORS_TEST_CONFIGS[arch],
-                    num_classes=num_classes)
+    out_meta = dict(source=SOURCE, architecture='UperNet',
+                    backbone=presets.preset_name(model_name, arch), config=CONFIGS[arch],
+                    authors_test_config=AUTHORS_TEST_CONFIGS[arch], num_classes=num_classes)
     dataset_meta = _dataset_meta(meta)
     if dataset_meta:
         out_meta['dataset_meta'] = dataset_meta

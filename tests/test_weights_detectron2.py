@@ -21,20 +21,19 @@ import torch
 from mmengine.config import Config
 
 import rest_mm  # noqa: F401  (registers the backbones)
+from rest_mm.cli.checkpoint_checks import check_preprocessing
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
-from rest_mm.conversion import convert_released
-from rest_mm.detectron2 import (
+from rest_mm.weights import convert_released
+from rest_mm.weights.detectron2 import (
     ARCHITECTURES,
     CONFIGS,
-    DETECTRON2_TEST_CFG,
-    DETECTRON2_TEST_INPUT,
-    check_preprocessing,
     convert_detectron2_detector,
     is_detectron2_detector,
     mmdet_to_detectron2_anchor_order,
 )
 
 import reference_detectron2 as ref
+from reference_detectron2 import DETECTRON2_TEST_CFG, DETECTRON2_TEST_INPUT
 from testlib import REPO, needs_full_stack
 
 KEY_DUMPS = Path(__file__).parent / 'data' / 'detectron2'

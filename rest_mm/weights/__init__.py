@@ -1,22 +1,28 @@
-"""One entry point for every checkpoint layout the authors released.
+"""Checkpoints: reading them safely, converting every layout the authors released, loading.
 
-``convert_released`` recognises a checkpoint by its keys and returns our weights with a
-description of what they are:
+* :mod:`.files` reads a file or URL (integrity checked, nothing but data unpickled);
+* :mod:`.state_dicts` finds the state dict inside a file and checks its values;
+* :mod:`.backbone` converts backbone weights to our key names and loads them strictly;
+* :mod:`.detectron2` and :mod:`.mmseg0x` convert the authors' whole detectors and UperNets.
 
-* a detectron2 detector (RetinaNet, Mask R-CNN; :mod:`rest_mm.detectron2`) becomes a whole
-  mmdet model;
-* an mmseg 0.x UperNet (:mod:`rest_mm.mmseg0x`) becomes a whole mmseg 1.x model;
-* anything else that holds a ResT/ResTV2 backbone (the ImageNet release, its detectron2
-  conversion, our own detectors and segmentors) becomes backbone weights for
-  ``init_cfg=dict(type='Pretrained', checkpoint=...)``.
+:func:`convert_released` recognises a checkpoint by its keys: a detectron2 detector
+(RetinaNet, Mask R-CNN) becomes a whole mmdet model, an mmseg 0.x UperNet a whole mmseg 1.x
+model, and anything else that holds a ResT/ResTV2 backbone (the ImageNet release, its
+detectron2 conversion, our own detectors and segmentors) backbone weights for
+``init_cfg=dict(type='Pretrained', checkpoint=...)``.
 """
 from typing import Dict, Mapping, Tuple
 
 import torch
 
-from .checkpoint import as_tensors, convert_checkpoint, describe_weights, unwrap_checkpoint
+from .backbone import convert_checkpoint, describe_weights, load_pretrained, suggest_arch
 from .detectron2 import convert_detectron2_detector, is_detectron2_detector
+from .files import read_checkpoint
 from .mmseg0x import convert_mmseg0x_segmentor, is_mmseg0x_segmentor
+from .state_dicts import as_tensors, check_finite, unwrap_checkpoint
+
+__all__ = ['check_finite', 'convert_checkpoint', 'convert_released', 'load_pretrained',
+           'read_checkpoint', 'suggest_arch', 'unwrap_checkpoint']
 
 
 def convert_released(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], dict]:
@@ -38,9 +44,8 @@ def convert_released(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], dict
     if is_mmseg0x_segmentor(checkpoint):
         state_dict, meta = convert_mmseg0x_segmentor(checkpoint)
         return as_tensors(state_dict, 'mmseg 0.x checkpoint'), dict(meta, kind='segmentor')
-    state_dict = unwrap_checkpoint(checkpoint)
-    if is_detectron2_detector(state_dict):
-        state_dict, meta = convert_detectron2_detector(state_dict)
+    if is_detectron2_detector(checkpoint):
+        state_dict, meta = convert_detectron2_detector(checkpoint)
         return as_tensors(state_dict, 'detectron2 checkpoint'), dict(meta, kind='detector')
     weights = as_tensors(convert_checkpoint(checkpoint), 'checkpoint')
     if not any(k.startswith('stages.') for k in weights):
