@@ -8,19 +8,20 @@ _base_ = [
     'mmdet::_base_/datasets/coco_detection.py',
     'mmdet::retinanet/retinanet_tta.py',
     '../_base_/detectron2_1x.py',
+    '../_base_/detectron2_v1_input.py',
 ]
 
 custom_imports = dict(imports=['rest_mm', 'rest_mm.dense_heads'], allow_failed_imports=False)
+
+# detectron2's input for the authors' v1 detectors (BGR preprocessing, PIL decoding and
+# resizing, the scales): ../_base_/detectron2_v1_input.py, which says why it is popped.
+_input = _base_.pop('detectron2_v1_input')
 
 # The authors' ImageNet-1k weights, as downloaded (the converter in rest_mm reads their
 # layout) or after `python tools/convert_weights.py`. Put the file here, or point the
 # path at it; init_cfg=None trains from scratch.
 model = dict(
-    # detectron2's default input, which the authors' v1 detectors were trained and
-    # evaluated with: BGR images, its BGR pixel mean and a std of 1 (a later yaml of theirs
-    # calls this a mistake, but their published numbers and released models come from it).
-    data_preprocessor=dict(mean=[103.53, 116.28, 123.675], std=[1.0, 1.0, 1.0],
-                           bgr_to_rgb=False),
+    data_preprocessor=_input.data_preprocessor,
     backbone=dict(
         _delete_=True,
         type='ResT',
@@ -40,26 +41,20 @@ model = dict(
     # image afterwards (rest_mm's LateClippingRetinaHead); training is RetinaHead's.
     bbox_head=dict(type='LateClippingRetinaHead', bbox_coder=dict(clip_border=False)))
 
-# detectron2 decodes and resizes images with PIL (bilinear, antialiased when shrinking).
-# Short side one of 640, 672, ..., 800, long side at most 1333.
 train_pipeline = [
-    dict(type='LoadImageFromFile', imdecode_backend='pillow',
-         backend_args={{_base_.backend_args}}),
+    dict(_input.load_image, backend_args=_base_.backend_args),
     dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='RandomChoiceResize',
-         scales=[(1333, short) for short in (640, 672, 704, 736, 768, 800)],
-         keep_ratio=True, backend='pillow'),
+    _input.train_resize,
     dict(type='RandomFlip', prob=0.5),
     dict(type='PackDetInputs')
 ]
 test_pipeline = [
-    dict(type='LoadImageFromFile', imdecode_backend='pillow',
-         backend_args={{_base_.backend_args}}),
-    dict(type='Resize', scale=(1333, 800), keep_ratio=True, backend='pillow'),
+    dict(_input.load_image, backend_args=_base_.backend_args),
+    _input.test_resize,
     dict(type='LoadAnnotations', with_bbox=True),
-    dict(type='PackDetInputs',
-         meta_keys=('img_id', 'img_path', 'ori_shape', 'img_shape', 'scale_factor'))
+    _input.test_pack
 ]
+del _input  # a helper, not a config key
 # Schedule and AdamW: ../_base_/detectron2_1x.py; no gradient clipping (Base-RetinaNet.yaml).
 train_dataloader = dict(batch_size=2, sampler=dict(type='InfiniteSampler', shuffle=True),
                         dataset=dict(pipeline=train_pipeline))

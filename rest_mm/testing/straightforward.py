@@ -33,8 +33,16 @@ def tokens_to_map(x: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def map_to_tokens(x: torch.Tensor) -> torch.Tensor:
-    """``B×C×h×w`` map to ``B×N×C`` tokens."""
-    return x.flatten(2).transpose(1, 2)
+    """``B×C×h×w`` map to ``B×N×C`` tokens.
+
+    Not the authors' ``x.flatten(2).transpose(1, 2)``, the same values: at batch 1 the
+    backward of that view hands the map's gradient on channels-last with a batch stride of
+    ``C``, and torch's CPU batch-norm backward (2.1 to 2.14 at least, train and eval) gets
+    such a gradient wrong, so every parameter before a BatchNorm got a wrong gradient.
+    This backward gives the map's gradient the canonical batch stride.
+    """
+    B, C = x.shape[:2]
+    return x.permute(0, 2, 3, 1).reshape(B, -1, C)
 
 
 class PA(nn.Module):
