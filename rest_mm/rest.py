@@ -169,9 +169,13 @@ class EMSA(ReducedKVAttention):
     # bound memory and stay mostly in the last-level cache, large enough that the loop's
     # per-op overhead (a parallel region each) stays negligible.
     map_block_elements = 1 << 22
+    # Inference on the CPU computes each block's map in place, in two buffers reused by
+    # every block (rest_mm.fused_attention): blocks of 2 MiB (float32) keep them in the
+    # cache, measured fastest at 800×1344 (docs/performance.md).
+    cpu_inference_map_block_elements = 1 << 19
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
-                 apply_transform: bool = True, norm_eps: float = 1e-5,
+                 apply_transform: bool = True, *, norm_eps: float,
                  attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__(dim, num_heads, sr_ratio, qkv_bias, norm_eps, attn_drop, proj_drop)
         self.apply_transform = apply_transform and num_heads > 1
@@ -190,10 +194,12 @@ class EMSA(ReducedKVAttention):
         B, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
         tracing = is_tracing()  # a traced graph would freeze the block size to this input's
-        rows = N if tracing else max(1, self.map_block_elements // max(1, B * n * k.shape[2]))
+        records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
+        elements = (self.map_block_elements if records or not q.is_cpu
+                    else self.cpu_inference_map_block_elements)
+        rows = N if tracing else max(1, elements // max(1, B * n * k.shape[2]))
         drop = self.attn_drop if self.training else 0.
-        needs_grad = any(t.requires_grad for t in (q, k, v, mix))
-        if torch.is_grad_enabled() and needs_grad and not tracing:
+        if records and not tracing:
             return MixedHeadAttentionFunction.apply(q, k, v, mix, rows, drop,
                                                     self.instance_norm_eps)
         return mixed_head_attention(q, k, v, mix, rows, drop, self.instance_norm_eps)[0]
@@ -219,7 +225,7 @@ class UpsampledValueAttention(ReducedKVAttention):
     """
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
-                 norm_eps: float = 1e-6, attn_drop: float = 0., proj_drop: float = 0.):
+                 *, norm_eps: float, attn_drop: float = 0., proj_drop: float = 0.):
         super().__init__(dim, num_heads, sr_ratio, qkv_bias, norm_eps, attn_drop, proj_drop)
         self.up_conv = nn.Conv2d(dim, sr_ratio * sr_ratio * dim, 3, padding=1, groups=dim)
         self.up_norm = nn.LayerNorm(dim, eps=norm_eps)
@@ -426,7 +432,7 @@ class _ResTBase(BaseModule):
     Subclasses build ``self.stem`` and ``self.stages`` and name their output norms.
     """
 
-    norm_eps: float = 1e-5
+    norm_eps: float  # the LayerNorms' epsilon, each subclass's (its authors' value)
     norm_in_path: bool = False
 
     def __init__(self, *, arch, in_channels, out_indices, drop_rate, attn_drop_rate,
@@ -615,7 +621,8 @@ class ResT(_ResTBase):
         self.stem = ResTStem(in_channels, dims[0])
         self._build_stages(
             lambda i: EMSA(dims[i], a['num_heads'][i], a['sr_ratios'][i], qkv_bias,
-                           apply_transform, self.norm_eps, attn_drop_rate, drop_rate),
+                           apply_transform, norm_eps=self.norm_eps, attn_drop=attn_drop_rate,
+                           proj_drop=drop_rate),
             lambda i: ResTPatchEmbed(dims[i - 1], dims[i]), drop_rate)
 
 
@@ -680,8 +687,8 @@ class ResTV2(_ResTBase):
         self.stem = ResTV2Stem(in_channels, dims[0], self.norm_eps)
         self._build_stages(
             lambda i: UpsampledValueAttention(dims[i], a['num_heads'][i], a['sr_ratios'][i],
-                                              qkv_bias, self.norm_eps, attn_drop_rate,
-                                              drop_rate),
+                                              qkv_bias, norm_eps=self.norm_eps,
+                                              attn_drop=attn_drop_rate, proj_drop=drop_rate),
             lambda i: ResTV2PatchEmbed(dims[i - 1], dims[i], self.norm_eps), drop_rate)
 
 

@@ -34,7 +34,10 @@ Examples::
 Timing: each measurement is the median wall-clock time of ``--runs`` calls after
 ``--warmup`` calls. With ``--compare`` the models take turns, one call each per round, so
 that load from other processes on a shared machine hits them all alike. Ratios are
-latency divided by the first model's latency.
+latency divided by the first model's latency. ``--device cuda`` runs the models on the GPU
+(each time waits for its queued work; refused where torch finds none). ``--matmul-rate``
+adds a float32 2048×2048 matmul to the turns and prints each backbone's multiply-accumulates
+per second (mmengine's count) as a percentage of the matmul's, both from their fastest run.
 
 Precision (``--dtype``): float32, or the model run under ``torch.autocast`` on the CPU in
 bfloat16 or float16, on the same weights. The error of a low-precision run is the relative
@@ -599,8 +602,9 @@ def parse_args(argv=None):
                         help='where the models run (default cpu)')
     parser.add_argument('--matmul-rate', action='store_true',
                         help=f'also time a float32 {MATMUL_SIZE}x{MATMUL_SIZE} matmul, taking '
-                        'turns with the backbones (interleaved as with --compare), and print each backbone\'s float32 '
-                        'multiply-accumulates per second as a percentage of its rate')
+                        'turns with the backbones (interleaved as with --compare), and print '
+                        'each backbone\'s float32 multiply-accumulates per second as a '
+                        'percentage of its rate')
     parser.add_argument('--threads', type=positive_int, default=None,
                         help='torch threads (default: torch\'s choice)')
     parser.add_argument('--compare', action='store_true',
