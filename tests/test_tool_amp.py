@@ -50,7 +50,7 @@ def test_amp_on_cpu_trains_resumes_tests_and_demos_in_bfloat16(tmp_path, recorde
         f'train_dataloader.dataset.pipeline.2.scale={small}',
         f'test_dataloader.dataset.pipeline.1.scale={small}']
     # no validation (mmengine's train loop runs it in float32, as with CUDA's --amp)
-    training = ['train_cfg.val_begin=100', 'default_hooks.checkpoint.interval=1',
+    training = ['train_cfg.val_interval=100', 'default_hooks.checkpoint.interval=1',
                 'default_hooks.logger.interval=1']
     work = tmp_path / 'work'
     train_tool.main([TOY, '--amp', '--work-dir', str(work)] + options + training

@@ -25,8 +25,10 @@ def test_flops_at_224_match_the_published_numbers(capsys):
             # to rounding for lite, small and large, and to 0.054 G for base.
             assert float(flops) > float(published_flops), name
             assert abs(float(convention) - float(published_flops)) < 0.06, name
-    params = {name: float(row[1]) for name, row in table.items()}  # with a 1000-class head
-    assert abs(params['rest_small'] - 13.66) < 0.05 and abs(params['restv2_tiny'] - 30) < 0.5
+    for name, (_, params, published_params, *_) in table.items():  # with a 1000-class head
+        # ResTv2's paper gives whole millions, ResT's two decimals
+        assert abs(float(params) - float(published_params)) < (
+            0.5 if name.startswith('restv2') else 0.05), name
 
 
 @needs_full_stack

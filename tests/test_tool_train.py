@@ -239,7 +239,7 @@ def test_interrupted_training_resumes(tmp_path, toy_root):
         'default_hooks.logger.interval=1']
     work_dir = tmp_path / 'work'
     command = [sys.executable, TOOLS_DIR / 'train.py', config, '--work-dir', work_dir,
-               '--cfg-options', *options]
+               '--cfg-options', *options, '--cfg-new-keys', 'train_dataloader.dataset.indices']
     first = subprocess.Popen([str(a) for a in command], cwd=REPO, stdout=subprocess.DEVNULL,
                              stderr=subprocess.DEVNULL, start_new_session=True)
     try:

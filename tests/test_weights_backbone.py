@@ -223,20 +223,20 @@ def test_whole_model_backbones_account_for_every_key(released_keys):
     for i, dim in enumerate((96, 192, 384, 768)):  # mmseg 0.x's output norms, from 1
         backbone.update({f'norm_{i + 1}.{p}': torch.empty(dim, device='meta')
                          for p in ('weight', 'bias')})
-    weights, model_name, arch = convert_model_backbone(backbone, 'backbone.', 'test')
+    weights, model_name, arch = convert_model_backbone(backbone, 'backbone.', 'test', BACKBONES)
     assert (model_name, arch) == ('ResTV2', 'tiny') and 'norm3.weight' in weights
 
     with pytest.raises(ValueError, match=r"unexplained keys \['backbone\.head\.weight'\]"):
         convert_model_backbone(dict(backbone, **{'head.weight': imagenet['head.weight']}),
-                               'backbone.', 'test')
+                               'backbone.', 'test', BACKBONES)
     no_norm = {k: v for k, v in backbone.items() if not k.startswith('norm_3.')}
     with pytest.raises(ValueError, match=r"missing \(our names\) \['backbone\.norm2\.weight'"):
-        convert_model_backbone(no_norm, 'backbone.', 'test', out_indices=(0, 1, 2, 3))
+        convert_model_backbone(no_norm, 'backbone.', 'test', BACKBONES, out_indices=(0, 1, 2, 3))
     mis_shaped = dict(backbone, **{'norm_1.bias': torch.empty(3, device='meta')})
     with pytest.raises(ValueError, match=r"shape mismatches \['backbone\.norm_1\.bias \(3,\)'"):
-        convert_model_backbone(mis_shaped, 'backbone.', 'test')
+        convert_model_backbone(mis_shaped, 'backbone.', 'test', BACKBONES)
     shallower = {k: v for k, v in backbone.items() if not k.startswith('stage3.5.')}
     with pytest.raises(ValueError, match=r'the test backbone: these weights fit ResTV2 with '
                                          r'embed_dims=\(96, 192, 384, 768\) and depths='
                                          r'\(1, 2, 5, 2\), which is no preset'):
-        convert_model_backbone(shallower, 'backbone.', 'test')
+        convert_model_backbone(shallower, 'backbone.', 'test', BACKBONES)

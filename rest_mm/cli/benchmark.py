@@ -279,8 +279,10 @@ def precision(dtype: torch.dtype, device_type: str = 'cpu'):
 
 
 def _device(model: nn.Module) -> torch.device:
-    """Where ``model`` runs (``--device``): its parameters' device."""
-    return next(model.parameters()).device
+    """Where ``model`` runs (``--device``): its parameters' device (the CPU for a model
+    without any)."""
+    parameter = next(model.parameters(), None)
+    return torch.device('cpu') if parameter is None else parameter.device
 
 
 def _synchronize() -> None:

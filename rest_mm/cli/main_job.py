@@ -14,12 +14,12 @@ import time
 from pathlib import Path
 
 from mmengine.config import Config
-from mmengine.runner import Runner
 
 from rest_mm.cli import errors
 from rest_mm.cli import test as test_tool
 from rest_mm.cli import train as train_tool
 from rest_mm.cli.config_overrides import add_override_arguments, apply_overrides, option_texts
+from rest_mm.cli.runner_setup import build_runner
 from rest_mm.cli.safe_files import atomic_open, check_output_path, lock_work_dir
 from rest_mm.cli.toy_data import ToyDataSpec, generate_toy_datasets
 from rest_mm.weights.files import allow_mmengine_checkpoints
@@ -89,7 +89,7 @@ def main(argv=None) -> dict:
     _banner('2/4 evaluating the untrained model (the baseline)')
     baseline_cfg = cfg.copy()
     baseline_cfg.experiment_name = 'untrained'
-    baseline = Runner.from_cfg(baseline_cfg)
+    baseline = build_runner(baseline_cfg)
     baseline.model.init_weights()
     untrained = baseline.test()
     if not untrained:
@@ -101,7 +101,7 @@ def main(argv=None) -> dict:
 
     _banner('3/4 training from scratch')
     cfg.experiment_name = 'train'
-    trainer = Runner.from_cfg(cfg)
+    trainer = build_runner(cfg)
     trainer.train()
     checkpoint = osp.join(args.work_dir, f'epoch_{cfg.train_cfg.max_epochs}.pth')
 

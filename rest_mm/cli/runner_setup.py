@@ -6,6 +6,7 @@ each is needed. Importing it registers ``RankZeroLoggerHook`` in mmengine's HOOK
 ``CPUAmpOptimWrapper`` (``--amp`` on a CPU) in its OPTIM_WRAPPERS.
 """
 import argparse
+import itertools
 import os
 import os.path as osp
 import re
@@ -321,9 +322,23 @@ def removed_if_start_fails(work_dir: str, config_name: str) -> Iterator[RunStart
         raise
 
 
+# Numbers the runners of one process (see build_runner).
+_RUNNERS_BUILT = itertools.count(1)
+
+
 def build_runner(cfg: Config, hooks: Iterable[Hook] = ()) -> Runner:
     """The Runner of ``cfg`` with ``hooks`` registered: the custom runner its
-    ``runner_type`` names (registered in the config's library), else mmengine's."""
+    ``runner_type`` names (registered in the config's library), else mmengine's.
+
+    Each runner gets a visualizer of its own: mmengine builds a named visualizer with
+    ``get_instance``, which returns an earlier runner's of the same name (mmdet and mmseg
+    name theirs ``'visualizer'``), so a second run in one process (the main job, the device
+    check) wrote its scalars and config into the first run's folder, or failed when that
+    folder was gone.
+    """
+    visualizer = cfg.get('visualizer')
+    if isinstance(visualizer, dict) and 'name' in visualizer:
+        visualizer['name'] = f'{visualizer["name"]}_run{next(_RUNNERS_BUILT)}'
     if 'runner_type' in cfg:
         init_default_scope(cfg.default_scope)
         runner = RUNNERS.build(cfg)

@@ -15,7 +15,7 @@ dense-prediction releases add fresh.
 """
 import re
 from collections import OrderedDict
-from typing import Dict, List, Mapping, Optional, Tuple
+from typing import Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from mmengine.logging import print_log
@@ -153,6 +153,7 @@ def output_norm_indices(weights: Mapping) -> Tuple[int, ...]:
 
 
 def convert_model_backbone(backbone: Mapping, prefix: str, source: str,
+                           backbones: Mapping[str, Callable[..., nn.Module]],
                            out_indices: Optional[Tuple[int, ...]] = None
                            ) -> Tuple['OrderedDict[str, torch.Tensor]', str, str]:
     """The backbone of one of the authors' whole models (a detector or a segmentor),
@@ -166,6 +167,8 @@ def convert_model_backbone(backbone: Mapping, prefix: str, source: str,
         prefix (str): Where the file keeps the backbone (``'backbone.bottom_up.'``), so that
             messages name keys as the file does.
         source (str): The kind of file, for messages (``'detectron2'``).
+        backbones (Mapping): ``rest_mm.rest.BACKBONES``, the model classes by name (passed
+            in: rest imports this module).
         out_indices (tuple[int], optional): The stages whose output norms the weights must
             hold. Defaults to those they hold.
 
@@ -176,8 +179,6 @@ def convert_model_backbone(backbone: Mapping, prefix: str, source: str,
         ValueError: The weights fit no preset, or hold a key that no rule explains, or lack
             or mis-shape one that the preset's model has.
     """
-    # Imported here: rest imports this module (load_pretrained).
-    from ..rest import BACKBONES
     renamed = _our_keys(backbone)
     weights = OrderedDict((ours, backbone[theirs]) for theirs, ours in renamed
                           if ours is not None)
@@ -188,7 +189,7 @@ def convert_model_backbone(backbone: Mapping, prefix: str, source: str,
     if out_indices is None:
         out_indices = output_norm_indices(weights)
     with torch.device('meta'):
-        model = BACKBONES[model_name](arch=arch, out_indices=out_indices)
+        model = backbones[model_name](arch=arch, out_indices=out_indices)
     unknown, missing, mis_shaped = backbone_key_problems(weights, model)
     unknown = [prefix + theirs for theirs, ours in renamed if ours is None] + [
         origins[k] for k in unknown]

@@ -240,8 +240,10 @@ def convert_detectron2_detector(
 
     bottom_up = {k[len('backbone.bottom_up.'):]: v for k, v in state_dict.items()
                  if k.startswith('backbone.bottom_up.')}
+    # Imported here: importing rest imports this package.
+    from ..rest import BACKBONES
     backbone, model_name, arch = convert_model_backbone(
-        bottom_up, 'backbone.bottom_up.', 'detectron2')
+        bottom_up, 'backbone.bottom_up.', 'detectron2', BACKBONES)
     backbone_name = presets.preset_name(model_name, arch)
     if (architecture, backbone_name) not in CONFIGS:
         raise ValueError(f'no config in configs/detection/ for a {architecture} with a '

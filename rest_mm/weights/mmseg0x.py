@@ -110,8 +110,10 @@ def convert_mmseg0x_segmentor(checkpoint: Mapping) -> Tuple['OrderedDict[str, to
     if is_v1(backbone):
         raise ValueError('this mmseg 0.x checkpoint has a ResT v1 backbone (stem.conv1); the '
                          'authors released UperNet with ResTv2 only, and only those convert')
+    # Imported here: importing rest imports this package.
+    from ..rest import BACKBONES
     converted_backbone, model_name, arch = convert_model_backbone(
-        backbone, 'backbone.', SOURCE, out_indices=(0, 1, 2, 3))
+        backbone, 'backbone.', SOURCE, BACKBONES, out_indices=(0, 1, 2, 3))
     if arch not in CONFIGS:
         raise ValueError(f'the authors released UperNet with ResTv2-T/S/B; no config in '
                          f'configs/segmentation/ fits ResTV2 {arch!r}')
