@@ -54,12 +54,15 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 def _overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor) -> bool:
     """Whether the attention may compute in place: full precision without autocast (where
     dtypes change between ops), no autograd graph to record, no graph being traced."""
+    if is_tracing():
+        # First: under torch.compile the later checks may break the graph, and torch 2.1
+        # then runs this function eagerly, where it would say nothing is being traced.
+        return False
     tensors = (q, k, v, mix)
     return (q.dtype in (torch.float32, torch.float64)
             and all(t.dtype == q.dtype for t in tensors)
             and not autocast_state(q.device.type)['enabled']
-            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors))
-            and not is_tracing())
+            and not (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)))
 
 
 def _mixed_head_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,

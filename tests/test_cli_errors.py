@@ -238,7 +238,8 @@ def _wrong_outputs(tmp_path: Path, read_only_dir: Path, kind: str) -> list:
     ('convert_weights', lambda source, out: [source, out], 'file'),
     ('make_toy_data', lambda source, out: ['--out-dir', out], 'dir'),
     ('check_device', lambda source, out: ['--device', 'cpu', '--json', out], 'file'),
-    ('main_job', lambda source, out: ['--work-dir', out], 'dir'),
+    pytest.param('main_job', lambda source, out: ['--work-dir', out], 'dir',
+                 marks=needs_full_stack),  # its --cfg-options check reads the mmdet config
 ])
 def test_tools_refuse_outputs_they_cannot_write_before_the_work(capsys, monkeypatch, tmp_path,
                                                                 read_only_dir, tool, argv,

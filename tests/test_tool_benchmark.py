@@ -188,15 +188,15 @@ def test_float16_is_refused_where_cpu_autocast_lacks_it(capsys):
 def test_benchmark_matmul_rate(capsys):
     """``--matmul-rate``: the float32 matmul's rate and each backbone's multiply-accumulates
     per second as a percentage of it (the figure of docs/performance.md)."""
-    benchmark.main(['rest_lite', 'pvtv2_b1', '--size', '64x64', '--runs', '2', '--warmup',
+    benchmark.main(['rest_lite', 'restv2_tiny', '--size', '64x64', '--runs', '2', '--warmup',
                     '0', '--matmul-rate'])
     out = capsys.readouterr().out
     assert re.search(r'^float32 matmul 2048x2048: [\d.]+ GMAC/s \(fastest run\)$', out, re.M)
-    for name in ('rest_lite', 'pvtv2_b1'):
+    for name in ('rest_lite', 'restv2_tiny'):
         line = re.search(rf'^{name}: ([\d.]+) GMAC in ([\d.]+) s \(fastest run\) = ([\d.]+) '
                          rf'GMAC/s, (\d+) % of the matmul rate$', out, re.M)
         assert line and float(line[1]) > 0 and float(line[3]) > 0  # tiny: a few %
-    assert re.findall(r'^\| (\S+) \|', out, re.M) == ['model', 'rest_lite', 'pvtv2_b1']
+    assert re.findall(r'^\| (\S+) \|', out, re.M) == ['model', 'rest_lite', 'restv2_tiny']
 
 
 @pytest.mark.parametrize('args, message', [
