@@ -51,6 +51,11 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
     return x.softmax(dim=-1)
 
 
+# Map elements per block of the in-place inference on the CPU (2 MiB in float32): its two
+# buffers stay in the cache; measured fastest at 800×1344 (docs/performance.md).
+CPU_INFERENCE_BLOCK_ELEMENTS = 1 << 19
+
+
 def _overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor) -> bool:
     """Whether the attention may compute in place: full precision without autocast (where
     dtypes change between ops), no autograd graph to record, no graph being traced."""
@@ -77,6 +82,8 @@ def _mixed_head_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     batch_mix = mix.expand(B, n, n)
     keys_t = k.transpose(-2, -1)
     rows = min(rows, N)
+    if q.is_cpu:
+        rows = min(rows, max(1, CPU_INFERENCE_BLOCK_ELEMENTS // (B * n * num_keys)))
     logits_buffer = q.new_empty(B * n * rows * num_keys)
     map_buffer = torch.empty_like(logits_buffer)
     unscaled = q.new_empty(B, n, N, v.shape[-1])

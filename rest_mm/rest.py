@@ -169,10 +169,6 @@ class EMSA(ReducedKVAttention):
     # bound memory and stay mostly in the last-level cache, large enough that the loop's
     # per-op overhead (a parallel region each) stays negligible.
     map_block_elements = 1 << 22
-    # Inference on the CPU computes each block's map in place, in two buffers reused by
-    # every block (rest_mm.fused_attention): blocks of 2 MiB (float32) keep them in the
-    # cache, measured fastest at 800×1344 (docs/performance.md).
-    cpu_inference_map_block_elements = 1 << 19
 
     def __init__(self, dim: int, num_heads: int, sr_ratio: int, qkv_bias: bool = True,
                  apply_transform: bool = True, *, norm_eps: float,
@@ -194,11 +190,9 @@ class EMSA(ReducedKVAttention):
         B, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
         tracing = is_tracing()  # a traced graph would freeze the block size to this input's
-        records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
-        elements = (self.map_block_elements if records or not q.is_cpu
-                    else self.cpu_inference_map_block_elements)
-        rows = N if tracing else max(1, elements // max(1, B * n * k.shape[2]))
+        rows = N if tracing else max(1, self.map_block_elements // max(1, B * n * k.shape[2]))
         drop = self.attn_drop if self.training else 0.
+        records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
         if records and not tracing:
             return MixedHeadAttentionFunction.apply(q, k, v, mix, rows, drop,
                                                     self.instance_norm_eps)

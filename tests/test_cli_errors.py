@@ -80,7 +80,7 @@ def test_a_user_error_is_one_line_and_exit_status_2(capsys, error, line):
 @pytest.mark.parametrize('error', [TypeError('bad'), AttributeError('bad'), AssertionError(),
                                    KeyError('backbone'), RuntimeError('bad'), IndexError(1)])
 def test_a_bug_keeps_its_stack(error):
-    # a bare KeyError is a lookup in our code; a RuntimeError outside the weights code is ours
+    # a bare KeyError is a lookup in our code; a plain RuntimeError (not a CheckpointError) is ours
     with pytest.raises(type(error)):
         _tool(error)([])
 
@@ -89,6 +89,22 @@ def test_debug_shows_the_traceback_of_a_user_error(capsys):
     with pytest.raises(ValueError, match='--size'):
         _tool(ValueError('--size 0x0: must be positive'))(['--debug'])
     assert capsys.readouterr().err == ''
+
+
+def test_a_tool_run_by_another_keeps_its_debug(capsys):
+    # tools/main_job.py --debug runs tools/test.py's main, whose command line has no --debug
+    inner = _tool(ValueError('bad checkpoint'), 'inner')
+
+    def main(argv=None):
+        parser = argparse.ArgumentParser()
+        errors.add_debug_argument(parser)
+        parser.parse_args(argv)
+        inner([])
+    main.__module__ = 'rest_mm.cli.outer'
+    with pytest.raises(ValueError, match='bad checkpoint'):
+        errors.handled(main)(['--debug'])
+    assert capsys.readouterr().err == ''
+    assert 'inner.py: error: bad checkpoint' in _refusal(capsys, errors.handled(main), [])
 
 
 def test_a_checkpoint_error_of_the_weights_code_is_a_user_error(tmp_path):

@@ -52,6 +52,10 @@ def test_gradients_are_the_finite_differences_in_both_models(ref):
     _weighted_sum(ours(x)).backward()
     _weighted_sum(as_ours(ours, plain(x))).backward()
     plain_grads = convert_checkpoint({k: p.grad for k, p in plain.named_parameters()})
+    # Only the fresh output norms may go uncompared (a renamed key would pass silently).
+    assert {k.split('.')[0] for k, p in ours.named_parameters()
+            if p.requires_grad and k not in plain_grads} == {
+                f'norm{i}' for i in type(ours).fresh_norm_indices}
     for key, param in ours.named_parameters():
         # Not the head-mixing bias (frozen: its gradient is zero), nor fresh output norms.
         if param.requires_grad and key in plain_grads:

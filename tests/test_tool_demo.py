@@ -29,6 +29,12 @@ def test_demo_rejects_bad_inputs(tmp_path):
     (tmp_path / 'x.png').mkdir()
     write_image(tmp_path / 'b.png', 8, 8)
     assert demo_tool.list_images(str(tmp_path)) == [tmp_path / 'b.png']
+    # a config of another library: the tools' one check, naming the config
+    config = tmp_path / 'classifier.py'
+    config.write_text("default_scope = 'mmpretrain'\nmodel = dict(type='ImageClassifier')\n")
+    with pytest.raises(SystemExit, match=f"{config}: default_scope is 'mmpretrain'"):
+        demo_tool.main([str(tmp_path / 'b.png'), str(config), '--out-dir',
+                        str(tmp_path / 'out')])
 
 
 def test_demo_never_draws_over_its_inputs(tmp_path):

@@ -8,7 +8,7 @@ from torch import nn
 
 from rest_mm.cli import errors
 from rest_mm.weights.files import read_checkpoint
-from rest_mm.weights.state_dicts import unwrap_checkpoint
+from rest_mm.weights.state_dicts import CheckpointError, unwrap_checkpoint
 
 # mmengine's Runner loads a file's `state_dict` entry, or the file itself when it has none.
 RUNNER_WRAPPER_KEYS = ('state_dict',)
@@ -34,7 +34,7 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
             none.
 
     Raises:
-        RuntimeError: Naming the missing, unexpected and mis-shaped keys (and values that
+        CheckpointError: Naming the missing, unexpected and mis-shaped keys (and values that
             are not tensors), with a hint when the file is of another kind.
     """
     if is_model_wrapper(model):
@@ -53,12 +53,12 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
     if not (not_tensors or missing or unexpected or mismatched):
         return
     if any(k.startswith('backbone.bottom_up.') for k in state_dict):
-        raise RuntimeError(
+        raise CheckpointError(
             f'{source} is a detectron2 model (keys under backbone.bottom_up.), not an '
             f'mmdet one: convert it first with `python tools/convert_weights.py {source} '
             f'OUT.pth` and pass OUT.pth')
     if not any(k.startswith('backbone.') for k in state_dict):
-        raise RuntimeError(
+        raise CheckpointError(
             f'{source} holds no detector/segmentor weights (no "backbone." keys): it looks '
             f'like a backbone or ImageNet checkpoint. A checkpoint trained with the config is '
             f'needed; to start training from backbone weights, set '
@@ -69,7 +69,7 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
         if keys:
             shown = ', '.join(keys[:4]) + (', ...' if len(keys) > 4 else '')
             details.append(f'{len(keys)} {title} ({shown})')
-    raise RuntimeError(f'{source} does not fit the {type(model).__name__} built from the '
+    raise CheckpointError(f'{source} does not fit the {type(model).__name__} built from the '
                        f'config: {"; ".join(details)}. Was it trained with this config?')
 
 
@@ -91,7 +91,7 @@ def load_whole_model(model: nn.Module, path: str, target: str) -> None:
     try:
         weights = read_checkpoint(path)
         check_model_fits(model, weights, path)
-    except (FileNotFoundError, RuntimeError) as error:
+    except (FileNotFoundError, CheckpointError) as error:
         raise errors.UserError(f'{path} does not load into {target}: {error}') from error
     model.load_state_dict(unwrap_checkpoint(weights, wrappers=RUNNER_WRAPPER_KEYS))
 

@@ -201,14 +201,14 @@ def apply_overrides(cfg: Config, options: Sequence[Tuple[str, str]],
     tree = dict(cfg.items())
     replaced = [key[:-len(DELETE_KEY) - 1] for key, _ in options
                 if key.endswith(f'.{DELETE_KEY}')]
+    allowed = [*new_keys, *replaced]
     values: Dict[str, Any] = {}
     for key, text in options:
-        name = key.rpartition('.')[2]
+        parent, _, name = key.rpartition('.')
         if name == DELETE_KEY:
-            _check_key(tree, key.rpartition('.')[0], new_keys, config)
+            _check_key(tree, parent, new_keys, config)
             values[key] = parse_value(key, text)
             continue
-        allowed = [*new_keys, *replaced]
         _check_key(tree, key, allowed, config)
         current = _lookup(tree, key)
         value = parse_value(key, text, current)

@@ -12,14 +12,15 @@ out of the mIoU without a word).
   that are classes or the ignore index once ``reduce_zero_label`` and the classes' label map
   are applied, as mmseg's ``LoadAnnotations`` applies them.
 
-The annotation file is read with :mod:`json`, without building the dataset, and file
+The dataset's class is built with ``lazy_init=True`` (its paths, defaults, metainfo and label
+map, nothing loaded); a COCO annotation file is then read with :mod:`json` alone (mmdet's
+``load_data_list`` would also index it with pycocotools and parse every annotation), and file
 existence is checked for every image; decoding is limited to :data:`DECODE_SAMPLE` images
 (and label maps) per dataset, spread over the set, and the log says when a set was sampled.
 Datasets of other formats, and remote files, are left to the library.
 """
 import difflib
 import functools
-import inspect
 import json
 import os
 import os.path as osp
@@ -28,7 +29,6 @@ from collections import Counter
 from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
-from mmengine.fileio import list_dir_or_file
 from mmengine.logging import print_log
 from mmengine.registry import DATASETS
 from PIL import Image, UnidentifiedImageError
@@ -105,24 +105,12 @@ def _coco_dataset() -> Optional[type]:
     return _library_class('mmdet.datasets', 'CocoDataset')
 
 
-def _argument(cls: type, dataset: dict, name: str):
-    """The dataset's argument ``name``: the config's, else the class's default (from the
-    first class up its hierarchy whose ``__init__`` names it: subclasses such as
-    ``ADE20KDataset`` pass most arguments on as ``**kwargs``)."""
-    if name in dataset:
-        return dataset[name]
-    for klass in cls.__mro__:
-        parameter = inspect.signature(klass.__init__).parameters.get(name)
-        if parameter is not None and parameter.default is not inspect.Parameter.empty:
-            return parameter.default
-    raise TypeError(f'{cls.__name__} takes no argument {name!r}')
-
-
-def _under_root(data_root: Optional[str], path: Optional[str]) -> Optional[str]:
-    """``path`` joined to ``data_root`` as mmengine's datasets join them."""
-    if path is None or not data_root or osp.isabs(path):
-        return path
-    return osp.join(data_root, path)
+def _unloaded(cls: type, dataset: dict):
+    """The dataset as its class builds it (the class's defaults and metainfo, paths joined
+    to ``data_root``), without loading its annotations or building its pipeline (the keys
+    left out: those mmengine's ``build_from_cfg`` takes, and what would load or build)."""
+    return cls(**{key: value for key, value in dataset.items()
+                  if key not in ('type', '_scope_', 'pipeline', 'lazy_init')}, lazy_init=True)
 
 
 def _remote(*paths: Optional[str]) -> bool:
@@ -245,11 +233,11 @@ def _class_problems(ann_file: str, classes: Sequence[str], categories: List[dict
     return problems
 
 
-def _kept_images(dataset: dict, images: List[dict], annotations: List[dict],
+def _kept_images(filter_cfg: Optional[dict], images: List[dict], annotations: List[dict],
                  class_ids: set) -> Tuple[int, str]:
     """How many images a training set keeps after its ``filter_cfg`` (mmdet's rule), and
     which filter removed them all."""
-    filter_cfg = dataset.get('filter_cfg') or {}
+    filter_cfg = filter_cfg or {}
     filter_empty = filter_cfg.get('filter_empty_gt', False)
     min_size = filter_cfg.get('min_size', 0)
     annotated = {ann.get('image_id') for ann in annotations if ann.get('category_id') in class_ids}
@@ -265,10 +253,9 @@ def _kept_images(dataset: dict, images: List[dict], annotations: List[dict],
 
 
 def _check_coco(cls: type, dataset: dict) -> Tuple[List[str], str]:
-    data_root = dataset.get('data_root')
-    ann_file = _under_root(data_root, dataset.get('ann_file') or '')
-    img_dir = _under_root(data_root, (dataset.get('data_prefix') or {}).get('img', ''))
-    if not ann_file or _remote(data_root, ann_file, img_dir) or not osp.isfile(ann_file):
+    detection = _unloaded(cls, dataset)
+    ann_file, img_dir = detection.ann_file, detection.data_prefix.get('img', '')
+    if not ann_file or _remote(ann_file, img_dir) or not osp.isfile(ann_file):
         return [], ''
     coco, problem = _read_coco(ann_file)
     if coco is None:
@@ -281,16 +268,16 @@ def _check_coco(cls: type, dataset: dict) -> Tuple[List[str], str]:
     if nameless:
         return [f'{len(nameless)} images of {ann_file} have no file_name or id'], ''
 
-    classes = cls._load_metainfo(dataset.get('metainfo')).get('classes')
+    classes = detection.metainfo.get('classes')
     problems = []
     if classes is not None:
         problems += _class_problems(ann_file, list(classes), coco['categories'], annotations)
         class_ids = {category.get('id') for category in coco['categories']
                      if category.get('name') in classes}
         # mmdet filters a training set (not a test set) by CocoDataset.filter_data's rule.
-        if (not problems and not dataset.get('test_mode', False)
+        if (not problems and not detection.test_mode
                 and cls.filter_data is _coco_dataset().filter_data):
-            kept, why = _kept_images(dataset, images, annotations, class_ids)
+            kept, why = _kept_images(detection.filter_cfg, images, annotations, class_ids)
             if not kept:
                 problems.append(f'the training set {ann_file} keeps no image: {why}')
 
@@ -366,50 +353,41 @@ def _pair_faults(image_path: str, label_path: str, accepted: np.ndarray) -> Dict
 
 
 def _check_segmentation(cls: type, dataset: dict) -> Tuple[List[str], str]:
-    data_root = dataset.get('data_root')
-    prefix = _argument(cls, dataset, 'data_prefix') or {}
-    img_dir = _under_root(data_root, prefix.get('img_path'))
-    ann_dir = _under_root(data_root, prefix.get('seg_map_path'))
-    ann_file = _under_root(data_root, dataset.get('ann_file') or '')
-    img_suffix = _argument(cls, dataset, 'img_suffix')
-    seg_suffix = _argument(cls, dataset, 'seg_map_suffix')
-    if img_dir is None or _remote(data_root, img_dir, ann_dir, ann_file):
+    try:  # mmseg's BaseSegDataset makes its label map as it is built
+        seg = _unloaded(cls, dataset)
+    except (ValueError, AssertionError) as error:  # e.g. classes the dataset's own lack
+        return [str(error)], ''
+    img_dir, ann_dir = seg.data_prefix.get('img_path'), seg.data_prefix.get('seg_map_path')
+    ann_file = seg.ann_file
+    if img_dir is None or _remote(img_dir, ann_dir, ann_file):
         return [], ''
-    # The file names, as mmseg's BaseSegDataset.load_data_list finds them.
-    if ann_file and osp.isfile(ann_file):
-        with open(ann_file, encoding='utf-8') as f:
-            stems = [line.strip() for line in f if line.strip()]
-        where = f'{ann_file} lists'
-    else:
-        stems = sorted(name[:-len(img_suffix)] for name in list_dir_or_file(
-            img_dir, list_dir=False, suffix=img_suffix, recursive=True))
-        where = f'{img_dir} holds'
-    if not stems:
-        return [f'{where} no images ending in {img_suffix} (nothing to train or test on)'], ''
-    images = [osp.join(img_dir, stem + img_suffix) for stem in stems]
+    listed = bool(ann_file) and osp.isfile(ann_file)
+    # The images (and label maps) as mmseg's BaseSegDataset.load_data_list finds them.
+    data_list = seg.load_data_list()
+    if not data_list:
+        where = f'{ann_file} lists' if listed else f'{img_dir} holds'
+        return [f'{where} no images ending in {seg.img_suffix} (nothing to train or test '
+                f'on)'], ''
+    images = [info['img_path'] for info in data_list]
     problems = []
-    missing = _missing(images) if ann_file else []
+    missing = _missing(images) if listed else []
     if missing:
         problems.append(f'{len(missing)} of the {len(images)} images {ann_file} lists are '
                         f'missing: {_listed(missing)}')
     if ann_dir is None:  # no labels (prediction only)
         return problems, f'{len(images)} images under {img_dir}, no label maps'
-    labels = [osp.join(ann_dir, stem + seg_suffix) for stem in stems]
+    labels = [info['seg_map_path'] for info in data_list]
     no_label = _missing(labels)
     if no_label:
         problems.append(f'{len(no_label)} of the {len(images)} images under {img_dir} have no '
-                        f'label map in {ann_dir} (ending in {seg_suffix}): '
+                        f'label map in {ann_dir} (ending in {seg.seg_map_suffix}): '
                         f'{_listed([osp.relpath(p, ann_dir) for p in no_label])}')
 
-    classes = cls._load_metainfo(dataset.get('metainfo')).get('classes')
+    classes = seg.metainfo.get('classes')
     if classes is None:
         return problems, ''
-    try:
-        label_map = cls.get_label_map(classes)
-    except ValueError as error:  # classes the dataset's own do not include
-        return problems + [str(error)], ''
-    ignore_index = _argument(cls, dataset, 'ignore_index')
-    reduce_zero_label = _argument(cls, dataset, 'reduce_zero_label')
+    label_map, ignore_index = seg.label_map, seg.ignore_index
+    reduce_zero_label = seg.reduce_zero_label
     accepted = _accepted_values(len(classes), ignore_index, reduce_zero_label, label_map)
     unusable = set(missing) | set(no_label)
     pairs = _sample([(image, label) for image, label in zip(images, labels)

@@ -22,12 +22,11 @@ from rest_mm.cli import errors
 from rest_mm.cli.checkpoint_checks import check_model_fits
 from rest_mm.cli.config_overrides import add_override_arguments, apply_overrides
 from rest_mm.cli.precision import cpu_bf16_note, run_network_in_amp
-from rest_mm.cli.preflight import refuse_output_over_inputs
+from rest_mm.cli.preflight import check_scope, refuse_output_over_inputs
 from rest_mm.cli.safe_files import OutputError, atomic_output, check_output_path
 from rest_mm.weights.files import allow_mmengine_checkpoints, read_checkpoint
 
 IMAGE_SUFFIXES = ('.jpg', '.jpeg', '.png', '.bmp', '.tif', '.tiff', '.webp', '.ppm', '.pgm')
-LIBRARIES = ('mmdet', 'mmseg')
 
 
 def parse_args(argv=None):
@@ -76,14 +75,6 @@ def resolve_device(device):
     if device.startswith('cuda') and not torch.cuda.is_available():
         raise ValueError(f'--device {device}: this torch build sees no CUDA device; use cpu')
     return device
-
-
-def library_of(cfg: Config) -> str:
-    scope = cfg.get('default_scope')
-    if scope not in LIBRARIES:
-        raise ValueError(f'the config has default_scope={scope!r}; the demo runs mmdet '
-                         f'(detection) and mmseg (segmentation) configs')
-    return scope
 
 
 def dataset_meta_from_config(cfg: Config) -> dict:
@@ -182,7 +173,7 @@ def main(argv=None):
     check_output_path(args.out_dir, 'dir', option='--out-dir')
     cfg = Config.fromfile(args.config)
     apply_overrides(cfg, args.cfg_options, args.cfg_new_keys, args.config)
-    library = library_of(cfg)
+    library = check_scope(cfg, args.config)
     device = resolve_device(args.device)
     if args.checkpoint is None:
         print('No checkpoint given: the weights are RANDOM, so the pictures show that the '

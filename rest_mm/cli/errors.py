@@ -11,13 +11,11 @@ What counts as a user error (:func:`is_user_error`):
 * ``ValueError``, ``OSError`` (a missing file, a symbolic link loop, a full disk, a
   read-only folder; :class:`~rest_mm.cli.safe_files.OutputError` and ``WorkDirBusy`` are
   ``OSError``\\ s), ``SyntaxError`` (mmengine's for a config file), mmengine's
-  ``ConfigParsingError``, :class:`~rest_mm.torch_compat.TorchVersionError` and
-  :class:`UserError`;
+  ``ConfigParsingError``, :class:`~rest_mm.torch_compat.TorchVersionError`,
+  :class:`~rest_mm.weights.state_dicts.CheckpointError` (a checkpoint the user gave that is
+  damaged, not finite or does not fit) and :class:`UserError`;
 * a ``KeyError`` whose message is a sentence (a preset, an arch, a registry type that does
   not exist); a bare ``KeyError('name')`` is a lookup in our code and stays a bug;
-* a ``RuntimeError`` raised by the weights code (:mod:`rest_mm.weights`,
-  :mod:`rest_mm.cli.checkpoint_checks`), which raises it only about the checkpoint it was
-  given (damaged, not fitting the model, no weights);
 * any exception raised by a config file's own code as mmengine runs it (a ``NameError``
   in the config, say): the message names the file and line;
 * a ``TypeError`` raised by mmengine's config code (a child config's value of another
@@ -33,14 +31,14 @@ from typing import Callable, List, Optional
 from mmengine.config.utils import ConfigParsingError
 
 from rest_mm.torch_compat import TorchVersionError
+from rest_mm.weights.state_dicts import CheckpointError
 
-# The packages and modules whose own RuntimeErrors are about the checkpoint a user gave them.
-_CHECKPOINT_MODULES = ('rest_mm.weights', 'rest_mm.cli.checkpoint_checks')
 # Where mmengine's TypeErrors are about a config: its config package, and where its registry
 # calls a class with a config's keys (the callee's own TypeErrors are raised in its frame).
 _CONFIG_CODE = os.path.join('mmengine', 'config', '')
 _REGISTRY_BUILD = (os.path.join('mmengine', 'registry', 'build_functions.py'), 'build_from_cfg')
-_USER_ERRORS = (ValueError, OSError, SyntaxError, ConfigParsingError, TorchVersionError)
+_USER_ERRORS = (ValueError, OSError, SyntaxError, ConfigParsingError, TorchVersionError,
+                CheckpointError)
 
 
 class UserError(Exception):
@@ -70,7 +68,8 @@ class _DebugAction(argparse.Action):
             _debug[-1] = True
 
 
-# One entry per running handled ``main`` (a tool may run another's, e.g. the main job).
+# One entry per running handled ``main`` (a tool may run another's, e.g. the main job, whose
+# ``--debug`` the inner tool inherits).
 _debug: List[bool] = []
 
 
@@ -130,11 +129,6 @@ def is_user_error(error: BaseException) -> bool:
                 and ' ' in error.args[0].strip())
     if isinstance(error, TypeError):
         return _raised_by_config_code(error)
-    if isinstance(error, RuntimeError):
-        frame = _innermost_frame(error)
-        module = '' if frame is None else frame.f_globals.get('__name__', '')
-        return any(module == name or module.startswith(name + '.')
-                   for name in _CHECKPOINT_MODULES)
     return False
 
 
@@ -184,7 +178,7 @@ def handled(main: Callable) -> Callable:
 
     @functools.wraps(main)
     def wrapper(argv: Optional[List[str]] = None):
-        _debug.append(False)
+        _debug.append(bool(_debug) and _debug[-1])
         try:
             return main(argv)
         except Exception as error:

@@ -39,7 +39,7 @@ def convert_released(checkpoint: Mapping) -> Tuple[Dict[str, torch.Tensor], dict
     Raises:
         ValueError: when the checkpoint holds no ResT/ResTV2 weights or a key that no rule
             explains.
-        RuntimeError: when a value is not a tensor (or numpy array).
+        CheckpointError: when a value is not a tensor (or numpy array).
     """
     if is_mmseg0x_segmentor(checkpoint):
         state_dict, meta = convert_mmseg0x_segmentor(checkpoint)

@@ -23,7 +23,7 @@ from torch import nn
 
 from .. import presets
 from .files import read_checkpoint
-from .state_dicts import as_tensors, check_finite, listed, unwrap_checkpoint
+from .state_dicts import CheckpointError, as_tensors, check_finite, listed, unwrap_checkpoint
 
 # Whole-model checkpoints keep the backbone under one of these prefixes, most specific first.
 _BACKBONE_PREFIXES = ('backbone.bottom_up.', 'backbone.')
@@ -214,7 +214,7 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
             them (:func:`check_finite`). Defaults to False.
 
     Raises:
-        RuntimeError: naming every missing, unexpected or mis-shaped key, with the
+        CheckpointError: naming every missing, unexpected or mis-shaped key, with the
             variant the weights would fit; or naming values that are not tensors, or
             tensors with non-finite values; or saying that the weights are of no
             ResT/ResTV2 at all.
@@ -229,7 +229,7 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
     state_dict = as_tensors(state_dict, source)
     if not any(_REST_ATTENTION_KEY.match(k) for k in state_dict):
         first = ', '.join(list(state_dict)[:5]) or 'none'
-        raise RuntimeError(f'{source} holds no ResT/ResTV2 backbone weights (no '
+        raise CheckpointError(f'{source} holds no ResT/ResTV2 backbone weights (no '
                            f'stages.N.blocks.M.attn.q/kv weights after conversion; first '
                            f'keys: {first}): pass a ResT/ResTV2 checkpoint')
     unexpected, missing, mis_shaped = backbone_key_problems(state_dict, model)
@@ -243,7 +243,7 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
                             ('shape mismatches', mismatched)):
             if keys:
                 problems.append(f'{title}: {listed(keys)}')
-        raise RuntimeError(f'{source} does not fit {type(model).__name__}('
+        raise CheckpointError(f'{source} does not fit {type(model).__name__}('
                            f'embed_dims={tuple(model.embed_dims)}, depths='
                            f'{tuple(model.arch["depths"])}): ' + '; '.join(problems) +
                            f'. {suggest_arch(state_dict)}.')
@@ -281,6 +281,6 @@ def load_pretrained(model: nn.Module, path: str, prefix: Optional[str] = None,
     if prefix:
         checkpoint = {k[len(prefix):]: v for k, v in checkpoint.items() if k.startswith(prefix)}
         if not checkpoint:
-            raise RuntimeError(f'checkpoint {path!r} has no key starting with {prefix!r}')
+            raise CheckpointError(f'checkpoint {path!r} has no key starting with {prefix!r}')
     load_converted_state_dict(model, convert_checkpoint(checkpoint), source=path,
                               allow_non_finite=allow_non_finite)

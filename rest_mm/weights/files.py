@@ -45,6 +45,7 @@ from mmengine.logging import HistoryBuffer
 from mmengine.runner import CheckpointLoader
 
 from ..torch_compat import load_defaults_to_weights_only, tensor_pickle_globals
+from .state_dicts import CheckpointError
 
 _DEFAULT_STATISTICS = ('min', 'max', 'current', 'mean')
 # torch's legacy format starts with a pickled magic number (torch/serialization.py).
@@ -67,7 +68,7 @@ for _core in ('numpy.core', 'numpy._core'):
     })
 
 
-class CheckpointFileError(RuntimeError):
+class CheckpointFileError(CheckpointError):
     """A checkpoint file that is damaged, of an unknown kind, or asks to run code."""
 
 
@@ -313,7 +314,7 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
 
     Raises:
         FileNotFoundError: No such file, or a directory.
-        RuntimeError: A damaged or unreadable file, or one that holds no dict.
+        CheckpointError: A damaged or unreadable file, or one that holds no dict.
     """
     allow_mmengine_checkpoints()
     if path.startswith(('http://', 'https://')):
@@ -334,11 +335,11 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
     except CheckpointFileError:
         raise
     except Exception as error:  # torch raises several unrelated types for bad files
-        raise RuntimeError(f'checkpoint {path!r} could not be read ({type(error).__name__}: '
+        raise CheckpointError(f'checkpoint {path!r} could not be read ({type(error).__name__}: '
                            f'{error}); expected a file written by torch.save holding a '
                            f'state dict') from error
     if not isinstance(checkpoint, Mapping):
-        raise RuntimeError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
+        raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
                            f'expected a state dict or a dict wrapping one')
     return checkpoint
 

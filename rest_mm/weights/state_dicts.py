@@ -4,6 +4,13 @@ from typing import Any, Dict, Mapping, Sequence
 import numpy as np
 import torch
 
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used as it was given: unreadable, damaged, holding values
+    that are not (finite) tensors, or not fitting the model; the message names the file,
+    the keys at fault and what is accepted."""
+
+
 # The entries that checkpoint files keep their state dict under: mmengine's (and ours)
 # ``state_dict``, the authors' ImageNet and detectron2 files ``model``.
 WRAPPER_KEYS = ('state_dict', 'model')
@@ -56,7 +63,7 @@ def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
         else:
             others.append(f'{key} ({type(value).__name__})')
     if others:
-        raise RuntimeError(f'{source}: values that are not tensors: {listed(others)}; a '
+        raise CheckpointError(f'{source}: values that are not tensors: {listed(others)}; a '
                            f'state dict maps parameter names to tensors (or numpy arrays)')
     return tensors
 
@@ -75,7 +82,7 @@ def check_finite(state_dict: Mapping, source: str,
             the ``allow_non_finite`` argument of the loaders.
 
     Raises:
-        RuntimeError: Naming the tensors with non-finite values and how many each holds.
+        CheckpointError: Naming the tensors with non-finite values and how many each holds.
     """
     bad = []
     for key, value in state_dict.items():
@@ -87,6 +94,6 @@ def check_finite(state_dict: Mapping, source: str,
                 bad.append(f'{key} ({nan} NaN, {value.numel() - int(finite.sum()) - nan} Inf '
                            f'of {value.numel()})')
     if bad:
-        raise RuntimeError(f'non-finite values in {len(bad)} tensor(s) of {source}: '
+        raise CheckpointError(f'non-finite values in {len(bad)} tensor(s) of {source}: '
                            f'{listed(bad)}; the file is damaged or from a diverged run. To '
                            f'use it anyway, pass {opt_out}.')
