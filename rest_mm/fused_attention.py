@@ -83,7 +83,8 @@ def _mixed_head_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     keys_t = k.transpose(-2, -1)
     rows = min(rows, N)
     if q.is_cpu:
-        rows = min(rows, max(1, CPU_INFERENCE_BLOCK_ELEMENTS // (B * n * num_keys)))
+        # max(1, ...): an empty batch has no elements per row, and still one block
+        rows = min(rows, max(1, CPU_INFERENCE_BLOCK_ELEMENTS // max(1, B * n * num_keys)))
     logits_buffer = q.new_empty(B * n * rows * num_keys)
     map_buffer = torch.empty_like(logits_buffer)
     unscaled = q.new_empty(B, n, N, v.shape[-1])
