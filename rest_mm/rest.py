@@ -525,6 +525,9 @@ class _ResTBase(BaseModule):
         if x.shape[1] != self.in_channels:
             raise ValueError(f'{type(self).__name__} was built for {self.in_channels} input '
                              f'channels, got a tensor with {x.shape[1]} (shape {tuple(x.shape)})')
+        if x.shape[2] == 0 or x.shape[3] == 0:
+            raise ValueError(f'{type(self).__name__} takes images of any size from 1×1 up, '
+                             f'got an empty one (shape {tuple(x.shape)})')
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, ...]:
         """Feature maps ``B×C_i×ceil(H/s_i)×ceil(W/s_i)`` for ``i`` in ``out_indices``,

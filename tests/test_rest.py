@@ -207,10 +207,13 @@ def test_norm_in_path_feeds_the_normalised_map_on():
 @pytest.mark.parametrize('x, message', [
     (torch.randn(3, 64, 64), 'B×C×H×W'),
     (torch.randn(1, 1, 64, 64), 'built for 3 input channels, got a tensor with 1'),
+    (torch.randn(1, 3, 0, 64), r'any size from 1×1 up, got an empty one \(shape \(1, 3, 0, 64\)\)'),
+    (torch.randn(2, 3, 64, 0), r'got an empty one \(shape \(2, 3, 64, 0\)\)'),
 ])
-def test_bad_input_tensors_are_refused_clearly(x, message):
+@pytest.mark.parametrize('cls', [ResT, ResTV2])
+def test_bad_input_tensors_are_refused_clearly(cls, x, message):
     with pytest.raises(ValueError, match=message):
-        ResTV2()(x)
+        cls()(x)
 
 
 def test_custom_arch_dict():
