@@ -56,6 +56,14 @@ def _softmax(x: torch.Tensor) -> torch.Tensor:
 CPU_INFERENCE_BLOCK_ELEMENTS = 1 << 19
 
 
+def rows_per_block(q: torch.Tensor, k: torch.Tensor, block_elements: int) -> int:
+    """How many query rows of ``q`` (``B×n×N×d``) give a map block of at most
+    ``block_elements`` elements against ``k`` (``B×n×N'×d``): at least one, at most ``N``
+    (an empty batch has no elements per row and still one block)."""
+    B, n, N, _ = q.shape
+    return max(1, min(N, block_elements // max(1, B * n * k.shape[2])))
+
+
 def _overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor) -> bool:
     """Whether the attention may compute in place: full precision without autocast (where
     dtypes change between ops), no autograd graph to record, no graph being traced."""
@@ -81,10 +89,7 @@ def _mixed_head_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     num_keys = k.shape[2]
     batch_mix = mix.expand(B, n, n)
     keys_t = k.transpose(-2, -1)
-    rows = min(rows, N)
-    if q.is_cpu:
-        # max(1, ...): an empty batch has no elements per row, and still one block
-        rows = min(rows, max(1, CPU_INFERENCE_BLOCK_ELEMENTS // max(1, B * n * num_keys)))
+    rows = min(rows, rows_per_block(q, k, CPU_INFERENCE_BLOCK_ELEMENTS) if q.is_cpu else N)
     logits_buffer = q.new_empty(B * n * rows * num_keys)
     map_buffer = torch.empty_like(logits_buffer)
     unscaled = q.new_empty(B, n, N, v.shape[-1])

@@ -23,7 +23,7 @@ from mmengine.model.weight_init import constant_init, trunc_normal_init
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
-from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention
+from .fused_attention import MixedHeadAttentionFunction, mixed_head_attention, rows_per_block
 from .presets import ARCH_ZOOS, NUM_STAGES, is_whole_number, resolve_arch
 from .torch_compat import is_tracing
 from .weights.backbone import load_pretrained
@@ -187,10 +187,10 @@ class EMSA(ReducedKVAttention):
     def _mixed_head_attention(self, q: torch.Tensor, k: torch.Tensor,
                               v: torch.Tensor) -> torch.Tensor:
         """``IN(softmax(mix(q·kᵀ·scale))) @ v`` for ``q`` ``B×n×N×d``, ``k, v`` ``B×n×N'×d``."""
-        B, n, N, _ = q.shape
+        _, n, N, _ = q.shape
         mix = self.transform_conv.weight.view(n, n) * self.scale
         tracing = is_tracing()  # a traced graph would freeze the block size to this input's
-        rows = N if tracing else max(1, self.map_block_elements // max(1, B * n * k.shape[2]))
+        rows = N if tracing else rows_per_block(q, k, self.map_block_elements)
         drop = self.attn_drop if self.training else 0.
         records = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, mix))
         if records and not tracing:

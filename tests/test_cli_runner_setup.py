@@ -1,4 +1,4 @@
-"""rest_mm/cli/runner_setup.py: CPU adaptation and the rank-0 metrics hook."""
+"""rest_mm/cli/runner_setup.py: CPU adaptation, the rank-0 metrics hook, build_runner."""
 import json
 
 import pytest
@@ -7,6 +7,8 @@ from mmengine.config import Config
 from mmengine.registry import HOOKS
 
 from rest_mm.cli import runner_setup
+
+from testlib import TOY_CONFIG_DIR, needs_full_stack
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason='adaptation applies without CUDA')
@@ -55,3 +57,26 @@ def test_test_metrics_json_is_written_by_rank_zero_only(tmp_path, monkeypatch):
         hook.after_test_epoch(Runner())
         assert (tmp_path / 'metrics.json').exists() == main_process
     assert json.loads((tmp_path / 'metrics.json').read_text()) == {'mIoU': 1.5}
+
+
+@needs_full_stack
+def test_runners_of_one_process_have_their_own_visualizers(tmp_path):
+    """As the main job builds them: a second Runner from a copy of the same config must not
+    get the first one's visualizer (mmengine's get_instance by name), nor the caller's
+    config a changed name."""
+    cfg = Config.fromfile(TOY_CONFIG_DIR / 'retinanet_rest_small_toy.py')
+    cfg.work_dir = str(tmp_path)
+    name = cfg.visualizer.name
+    runners = []
+    for experiment in ('first', 'second'):
+        run_cfg = cfg.copy()
+        run_cfg.experiment_name = experiment
+        runners.append(runner_setup.build_runner(run_cfg))
+    first, second = (runner.visualizer for runner in runners)
+    assert first is not second
+    assert first.instance_name != second.instance_name
+    for runner in runners:
+        assert runner.visualizer._vis_backends, 'no backend: nothing would be written'
+        for backend in runner.visualizer._vis_backends.values():
+            assert backend._save_dir.startswith(runner.log_dir)
+    assert cfg.visualizer.name == name

@@ -70,7 +70,7 @@ def check_model_fits(model: nn.Module, checkpoint: Mapping, source: str,
             shown = ', '.join(keys[:4]) + (', ...' if len(keys) > 4 else '')
             details.append(f'{len(keys)} {title} ({shown})')
     raise CheckpointError(f'{source} does not fit the {type(model).__name__} built from the '
-                       f'config: {"; ".join(details)}. Was it trained with this config?')
+                          f'config: {"; ".join(details)}. Was it trained with this config?')
 
 
 def load_whole_model(model: nn.Module, path: str, target: str) -> None:

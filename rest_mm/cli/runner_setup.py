@@ -6,6 +6,7 @@ each is needed. Importing it registers ``RankZeroLoggerHook`` in mmengine's HOOK
 ``CPUAmpOptimWrapper`` (``--amp`` on a CPU) in its OPTIM_WRAPPERS.
 """
 import argparse
+import copy
 import itertools
 import os
 import os.path as osp
@@ -338,7 +339,9 @@ def build_runner(cfg: Config, hooks: Iterable[Hook] = ()) -> Runner:
     """
     visualizer = cfg.get('visualizer')
     if isinstance(visualizer, dict) and 'name' in visualizer:
-        visualizer['name'] = f'{visualizer["name"]}_run{next(_RUNNERS_BUILT)}'
+        # A copy: the caller's config (and its copies, which share the dict) keep the name.
+        cfg = copy.copy(cfg)
+        cfg.visualizer = dict(visualizer, name=f'{visualizer["name"]}_run{next(_RUNNERS_BUILT)}')
     if 'runner_type' in cfg:
         init_default_scope(cfg.default_scope)
         runner = RUNNERS.build(cfg)

@@ -230,8 +230,8 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
     if not any(_REST_ATTENTION_KEY.match(k) for k in state_dict):
         first = ', '.join(list(state_dict)[:5]) or 'none'
         raise CheckpointError(f'{source} holds no ResT/ResTV2 backbone weights (no '
-                           f'stages.N.blocks.M.attn.q/kv weights after conversion; first '
-                           f'keys: {first}): pass a ResT/ResTV2 checkpoint')
+                              f'stages.N.blocks.M.attn.q/kv weights after conversion; first '
+                              f'keys: {first}): pass a ResT/ResTV2 checkpoint')
     unexpected, missing, mis_shaped = backbone_key_problems(state_dict, model)
     missing = [k for k in missing if not is_output_norm(k, fresh)]
     unexpected = [k for k in unexpected if not is_output_norm(k, range(presets.NUM_STAGES))]
@@ -244,9 +244,9 @@ def load_converted_state_dict(model: nn.Module, state_dict: Mapping, source: str
             if keys:
                 problems.append(f'{title}: {listed(keys)}')
         raise CheckpointError(f'{source} does not fit {type(model).__name__}('
-                           f'embed_dims={tuple(model.embed_dims)}, depths='
-                           f'{tuple(model.arch["depths"])}): ' + '; '.join(problems) +
-                           f'. {suggest_arch(state_dict)}.')
+                              f'embed_dims={tuple(model.embed_dims)}, depths='
+                              f'{tuple(model.arch["depths"])}): ' + '; '.join(problems) +
+                              f'. {suggest_arch(state_dict)}.')
     loadable = {k: v for k, v in state_dict.items() if k in own}
     if not allow_non_finite:
         check_finite(loadable, source)

@@ -336,11 +336,11 @@ def read_checkpoint(path: str, map_location: Optional[str] = 'cpu',
         raise
     except Exception as error:  # torch raises several unrelated types for bad files
         raise CheckpointError(f'checkpoint {path!r} could not be read ({type(error).__name__}: '
-                           f'{error}); expected a file written by torch.save holding a '
-                           f'state dict') from error
+                              f'{error}); expected a file written by torch.save holding a '
+                              f'state dict') from error
     if not isinstance(checkpoint, Mapping):
         raise CheckpointError(f'checkpoint {path!r} holds a {type(checkpoint).__name__}, '
-                           f'expected a state dict or a dict wrapping one')
+                              f'expected a state dict or a dict wrapping one')
     return checkpoint
 
 

@@ -64,7 +64,7 @@ def as_tensors(state_dict: Mapping, source: str) -> Dict[str, torch.Tensor]:
             others.append(f'{key} ({type(value).__name__})')
     if others:
         raise CheckpointError(f'{source}: values that are not tensors: {listed(others)}; a '
-                           f'state dict maps parameter names to tensors (or numpy arrays)')
+                              f'state dict maps parameter names to tensors (or numpy arrays)')
     return tensors
 
 
@@ -95,5 +95,5 @@ def check_finite(state_dict: Mapping, source: str,
                            f'of {value.numel()})')
     if bad:
         raise CheckpointError(f'non-finite values in {len(bad)} tensor(s) of {source}: '
-                           f'{listed(bad)}; the file is damaged or from a diverged run. To '
-                           f'use it anyway, pass {opt_out}.')
+                              f'{listed(bad)}; the file is damaged or from a diverged run. To '
+                              f'use it anyway, pass {opt_out}.')
