@@ -34,7 +34,7 @@ from typing import Sequence
 import torch
 from torch.autograd.function import once_differentiable
 
-from .torch_compat import autocast_state, is_tracing
+from .torch_compat import autocast_state, is_compiling, is_tracing
 
 
 def _row_blocks(x: torch.Tensor, rows: int) -> Sequence[torch.Tensor]:
@@ -66,10 +66,11 @@ def rows_per_block(q: torch.Tensor, k: torch.Tensor, block_elements: int) -> int
 
 def _overwritable(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mix: torch.Tensor) -> bool:
     """Whether the attention may compute in place: full precision without autocast (where
-    dtypes change between ops), no autograd graph to record, no graph being traced."""
-    if is_tracing():
+    dtypes change between ops), no autograd graph to record, no graph being traced or
+    compiled (dynamo breaks the graph at an ``out=`` view that is not contiguous)."""
+    if is_tracing() or is_compiling():
         # First: under torch.compile the later checks may break the graph, and torch 2.1
-        # then runs this function eagerly, where it would say nothing is being traced.
+        # then runs this function eagerly, where it would say nothing is being compiled.
         return False
     tensors = (q, k, v, mix)
     return (q.dtype in (torch.float32, torch.float64)

@@ -87,19 +87,24 @@ def is_tracing() -> bool:
     """Whether a graph is being recorded (ONNX / TorchScript tracing, ``torch.export``).
 
     ``torch.compiler.is_exporting`` exists from torch 2.6; before it, ``torch.export``
-    goes through dynamo, which ``torch.compiler.is_compiling`` (2.3) or
-    ``torch._dynamo.is_compiling`` (2.1, 2.2) reports.
+    cannot be told from ``torch.compile`` (both go through dynamo), so there both count as
+    tracing (:func:`is_compiling`).
     """
     if torch.jit.is_tracing():
         return True
-    compiler = getattr(torch, 'compiler', None)
-    for name in ('is_exporting', 'is_compiling'):
-        check = getattr(compiler, name, None)
-        if check is not None:
-            return bool(check())
-    # ``import torch._dynamo`` here would make ``torch`` a local name of the whole function
-    from torch import _dynamo
-    return bool(_dynamo.is_compiling())
+    is_exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
+    return bool(is_exporting()) if is_exporting is not None else is_compiling()
+
+
+def is_compiling() -> bool:
+    """Whether dynamo is tracing (``torch.compile`` or ``torch.export``):
+    ``torch.compiler.is_compiling`` from torch 2.3, ``torch._dynamo.is_compiling`` before."""
+    check = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    if check is None:
+        # ``import torch._dynamo`` here would make ``torch`` a local name of the function
+        from torch import _dynamo
+        check = _dynamo.is_compiling
+    return bool(check())
 
 
 def autocast_state(device_type: str) -> dict:

@@ -95,3 +95,21 @@ def test_mixed_head_inference_in_place_equals_the_recorded_computation(dtype, ro
     assert recorded[0].grad_fn is not None and in_place[0].grad_fn is None
     for ours, expected in zip(in_place[:3], recorded[:3]):
         assert torch.equal(ours, expected.detach())
+
+
+def test_compiled_attention_is_one_graph_over_several_row_blocks():
+    """Under torch.compile the in-place inference path is not taken (dynamo breaks the
+    graph at its ``out=`` views of the output): v1's attention compiles to one graph also
+    when its map is split into several blocks of query rows, and computes what eager does."""
+    attn = ResT(arch='lite').stages[1].blocks[0].attn.eval()  # 2 heads, keys reduced 4×4
+    x = torch.randn(1, 16, 28, 128)  # 448 queries, 28 keys
+    attn.map_block_elements = 100 * 2 * 28  # 100 query rows a block: five blocks
+    try:
+        with torch.no_grad():
+            explanation = torch._dynamo.explain(attn)(x)
+            compiled = torch.compile(attn, backend='eager')(x)
+            eager = attn(x)
+    finally:
+        torch._dynamo.reset()
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch.testing.assert_close(compiled, eager, rtol=1e-5, atol=1e-6)

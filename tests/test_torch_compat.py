@@ -42,6 +42,19 @@ def test_is_tracing_sees_jit_tracing_only_while_it_traces():
     assert seen == [True, False]
 
 
+def test_is_compiling_sees_torch_compile_only_while_it_compiles():
+    def forward(x):
+        return x * 2 if torch_compat.is_compiling() else x * 3
+
+    assert not torch_compat.is_compiling()
+    try:
+        compiled = torch.compile(forward, backend='eager')(torch.ones(2))
+    finally:
+        torch._dynamo.reset()
+    assert torch.equal(compiled, torch.full((2, ), 2.))
+    assert torch.equal(forward(torch.ones(2)), torch.full((2, ), 3.))
+
+
 def test_autocast_state_restores_the_forward_state():
     """What a hand-written backward needs to run under its forward's autocast."""
     assert torch_compat.autocast_state('cpu')['enabled'] is False
