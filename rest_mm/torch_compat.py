@@ -92,14 +92,14 @@ def is_tracing() -> bool:
     """
     if torch.jit.is_tracing():
         return True
-    is_exporting = getattr(getattr(torch, 'compiler', None), 'is_exporting', None)
+    is_exporting = getattr(torch.compiler, 'is_exporting', None)
     return bool(is_exporting()) if is_exporting is not None else is_compiling()
 
 
 def is_compiling() -> bool:
     """Whether dynamo is tracing (``torch.compile`` or ``torch.export``):
     ``torch.compiler.is_compiling`` from torch 2.3, ``torch._dynamo.is_compiling`` before."""
-    check = getattr(getattr(torch, 'compiler', None), 'is_compiling', None)
+    check = getattr(torch.compiler, 'is_compiling', None)
     if check is None:
         # ``import torch._dynamo`` here would make ``torch`` a local name of the function
         from torch import _dynamo
