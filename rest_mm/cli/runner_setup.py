@@ -259,10 +259,13 @@ def write_test_metrics_from_rank_zero(cfg: Config) -> Config:
 
 
 def close_distributed() -> None:
-    """Destroy the process group at the end of a run, as torch asks: left to interpreter
-    exit, gloo's threads were torn down in the wrong order and aborted a finished run
-    (``terminate called without an active exception``, seen once in the two-process test)."""
+    """Destroy the process group at the end of a run, as torch asks, once every rank has
+    got there: left to interpreter exit, or destroyed by a rank while rank 0 still logs
+    and saves, gloo's threads aborted a finished run (``terminate called without an active
+    exception``, seen twice in the two-process test, the second time with the destroy but
+    without the barrier)."""
     if torch.distributed.is_initialized():
+        torch.distributed.barrier()
         torch.distributed.destroy_process_group()
 
 
